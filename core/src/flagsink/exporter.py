@@ -1,0 +1,117 @@
+"""The contract every exporter implements, and the errors it raises."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+from flagsink.event import Event
+
+__all__ = [
+    "ExportError",
+    "Exporter",
+    "ExporterSettings",
+    "PartialExportError",
+    "PermanentExportError",
+    "SettingsError",
+]
+
+
+class ExporterSettings(BaseModel):
+    """Base of every exporter's settings: camelCase keys, unknown keys rejected.
+
+    Give every field a ``description``: the docs' settings tables are generated from it.
+    Mark secrets with ``pydantic.SecretStr`` so they are never echoed.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        alias_generator=to_camel,
+        populate_by_name=True,
+        frozen=True,
+    )
+
+
+class SettingsError(ValueError):
+    """Settings are valid in shape but unusable (e.g. an unwritable directory).
+
+    :param field: the camelCase setting at fault, used to point at it in the config file.
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class ExportError(Exception):
+    """The export failed; every event of the batch is kept and retried with backoff."""
+
+
+class PermanentExportError(ExportError):
+    """The sink refused the batch for good (retrying cannot fix it): the events are dropped
+    and counted as rejected."""
+
+
+class PartialExportError(ExportError):
+    """Part of a batch failed.
+
+    :param failed: events to retry; everything not listed in ``failed`` or ``rejected``
+        was delivered.
+    :param rejected: events the sink refused for good; dropped and counted as rejected.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        failed: Sequence[Event] = (),
+        rejected: Sequence[Event] = (),
+    ) -> None:
+        super().__init__(message)
+        self.failed = list(failed)
+        self.rejected = list(rejected)
+
+
+SettingsT = TypeVar("SettingsT", bound=ExporterSettings)
+
+
+class Exporter(ABC, Generic[SettingsT]):
+    """Base class of exporters.
+
+    Subclasses set ``kind`` (the name used in config), ``bulk`` (True: batches flushed on
+    size or interval; False: a queue exporter sent near real time) and ``settings_model``,
+    and implement :meth:`export`. Exporters run on the scheduler's worker thread, never on
+    the application's.
+    """
+
+    kind: ClassVar[str]
+    bulk: ClassVar[bool] = True
+    settings_model: ClassVar[type[ExporterSettings]] = ExporterSettings
+
+    def __init__(self, settings: SettingsT | None = None, /, **options: Any) -> None:
+        """Build from a settings model, or from keyword options validated into one."""
+        if settings is None:
+            settings = self.settings_model.model_validate(options)  # type: ignore[assignment]
+        elif options:
+            raise TypeError("pass either a settings model or keyword options, not both")
+        self.settings: SettingsT = settings  # type: ignore[assignment]
+
+    @abstractmethod
+    def export(self, events: Sequence[Event]) -> None:
+        """Deliver ``events``, or raise.
+
+        Raise :class:`ExportError` (or any exception) to retry the whole batch,
+        :class:`PartialExportError` to retry only some events, and
+        :class:`PermanentExportError` when retrying cannot help.
+        """
+
+    def close(self) -> None:
+        """Release clients and connections. Called once, after the last export."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} kind={getattr(self, 'kind', '?')!r}>"

@@ -1,0 +1,432 @@
+"""Buffers events for one exporter and exports them from a background worker.
+
+The application thread only ever appends to a deque and compares its length (no lock, no
+I/O, no waiting). One daemon worker per scheduler does everything else: size and interval
+flushes, retries with exponential backoff and jitter, the memory cap, logging, and the
+final flush on :meth:`DataExporterScheduler.close`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+import weakref
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from flagsink.event import Event
+from flagsink.exporter import Exporter, PartialExportError, PermanentExportError
+
+__all__ = ["DataExporterScheduler", "SchedulerStats"]
+
+logger = logging.getLogger("flagsink.scheduler")
+
+DEFAULT_FLUSH_INTERVAL = 60.0
+DEFAULT_MAX_EVENTS_IN_MEMORY = 100_000
+_DROP_WARNING_INTERVAL = 10.0
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot of one scheduler's counters.
+
+    ``received == exported + dropped + buffered + in_flight`` holds in every snapshot.
+    """
+
+    exporter: str
+    received: int
+    exported: int
+    failed_attempts: int
+    retried: int
+    dropped: int
+    dropped_by_reason: dict[str, int]
+    buffered: int
+    in_flight: int
+    last_error: str | None
+    last_error_time: float | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_live: weakref.WeakSet[DataExporterScheduler] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for scheduler in list(_live):
+        scheduler._reset_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class DataExporterScheduler:
+    """Feeds one exporter from a bounded in-memory buffer.
+
+    :param exporter: the exporter to feed; ``exporter.bulk`` selects batch or queue mode.
+    :param flush_interval: seconds between bulk flushes (GO Feature Flag's ``flushInterval``).
+    :param max_events_in_memory: a bulk flush starts when this many events wait; also the
+        largest batch handed to ``export`` (GO Feature Flag's ``maxEventInMemory``).
+    :param max_buffered_events: hard cap on waiting events (default 5x
+        ``max_events_in_memory``). Past it the oldest events are dropped and counted.
+    :param retry_initial: first retry delay in seconds; doubles per failure, with jitter.
+    :param retry_max: longest retry delay in seconds.
+    :param name: label for logs and stats (default: the exporter's kind).
+    """
+
+    def __init__(
+        self,
+        exporter: Exporter[Any],
+        *,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+        max_events_in_memory: int = DEFAULT_MAX_EVENTS_IN_MEMORY,
+        max_buffered_events: int | None = None,
+        retry_initial: float = 1.0,
+        retry_max: float = 60.0,
+        name: str | None = None,
+        start: bool = True,
+    ) -> None:
+        if flush_interval <= 0:
+            raise ValueError("flush_interval must be > 0 seconds")
+        if max_events_in_memory < 1:
+            raise ValueError("max_events_in_memory must be >= 1")
+        cap = max_buffered_events if max_buffered_events is not None else 5 * max_events_in_memory
+        if cap < max_events_in_memory:
+            raise ValueError(
+                f"max_buffered_events ({cap}) must be >= max_events_in_memory "
+                f"({max_events_in_memory})"
+            )
+        if retry_initial <= 0 or retry_max < retry_initial:
+            raise ValueError("need 0 < retry_initial <= retry_max")
+        self.exporter = exporter
+        self.name: str = name or str(getattr(exporter, "kind", type(exporter).__name__))
+        self.flush_interval = float(flush_interval)
+        self.max_events_in_memory = max_events_in_memory
+        self.max_buffered_events = cap
+        self.retry_initial = float(retry_initial)
+        self.retry_max = float(retry_max)
+        self._bulk = bool(getattr(exporter, "bulk", True))
+        # A queue exporter's worker wakes for the first waiting event; a bulk one for a batch.
+        self._wake_at = max_events_in_memory if self._bulk else 1
+        self._buffer: deque[Event] = deque()
+        self._init_sync()
+        self._started = False
+        self._closed = False
+        self._finished = False
+        _live.add(self)
+        if start:
+            self.start()
+
+    # -- application thread ---------------------------------------------------------------
+
+    def add_event(self, event: Event) -> None:
+        """Queue ``event`` for export. O(1), thread-safe, never raises, never blocks."""
+        buffer = self._buffer
+        buffer.append(event)
+        if len(buffer) >= self._check_at:
+            self._on_threshold()
+
+    def _on_threshold(self) -> None:
+        # Slow path, taken once per worker cycle (or per event while over the cap).
+        overflow = len(self._buffer) - self.max_buffered_events
+        if overflow > 0:
+            self._drop_oldest(overflow, "overflow")
+        self._check_at = self.max_buffered_events + 1
+        self._wake.set()
+
+    # -- control --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the worker thread (done by the constructor unless ``start=False``)."""
+        if self._started or self._closed:
+            return
+        self._started = True
+        self._worker = threading.Thread(target=self._run, name=f"flagsink-{self.name}", daemon=True)
+        self._worker.start()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Export everything buffered now, ignoring backoff, and wait for it.
+
+        :returns: True when nothing is left buffered or in flight afterwards.
+        """
+        if not self._started or self._closed:
+            return not self._buffer
+        with self._cond:
+            self._flush_requested += 1
+            ticket = self._flush_requested
+            self._wake.set()
+            self._cond.wait_for(lambda: self._flush_done >= ticket, timeout)
+        return not self._buffer and self._in_flight == 0
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Stop the worker after a final flush; return within ``timeout`` seconds.
+
+        Events still undelivered at the deadline are counted as dropped (reason
+        ``shutdown``) and logged. Idempotent.
+
+        :returns: True when every event was delivered.
+        """
+        deadline = time.monotonic() + max(timeout, 0.0)
+        self.begin_close(deadline)
+        if self._started:
+            self._worker.join(max(deadline - time.monotonic(), 0.0))
+            if self._worker.is_alive():
+                logger.error(
+                    "exporter %s: close timed out after %.1fs with an export still running; "
+                    "%d events undelivered",
+                    self.name,
+                    timeout,
+                    self._undelivered(),
+                )
+                return False
+        elif not self._finished:
+            self._finish()
+        return self._undelivered() == 0
+
+    def begin_close(self, deadline: float) -> bool:
+        """Tell the worker to make its final flush by ``deadline`` (``time.monotonic()``
+        clock) without waiting; lets several schedulers close in parallel.
+
+        :returns: False if closing had already begun.
+        """
+        if self._closed:
+            return False
+        self._deadline = deadline
+        self._closed = True
+        self._wake.set()
+        return True
+
+    def stats(self) -> SchedulerStats:
+        """Return a consistent snapshot of the counters."""
+        with self._lock:
+            buffered = len(self._buffer)
+            in_flight = self._in_flight
+            dropped = dict(self._dropped)
+            exported = self._exported
+        total_dropped = sum(dropped.values())
+        return SchedulerStats(
+            exporter=self.name,
+            received=exported + total_dropped + buffered + in_flight,
+            exported=exported,
+            failed_attempts=self._failed_attempts,
+            retried=self._retried,
+            dropped=total_dropped,
+            dropped_by_reason=dropped,
+            buffered=buffered,
+            in_flight=in_flight,
+            last_error=self._last_error,
+            last_error_time=self._last_error_time,
+        )
+
+    # -- worker ---------------------------------------------------------------------------
+
+    def _init_sync(self) -> None:
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._wake = threading.Event()
+        self._check_at = self._wake_at
+        self._flush_requested = 0
+        self._flush_done = 0
+        self._in_flight = 0
+        self._exported = 0
+        self._failed_attempts = 0
+        self._retried = 0
+        self._dropped: Counter[str] = Counter()
+        self._dropped_logged = 0
+        self._last_drop_warning = 0.0
+        self._last_error: str | None = None
+        self._last_error_time: float | None = None
+        self._attempt = 0
+        self._retry_at = 0.0
+        self._next_flush = time.monotonic() + self.flush_interval
+        self._deadline = float("inf")
+
+    def _reset_after_fork(self) -> None:
+        # The parent keeps exporting what it buffered; the child starts empty and fresh.
+        self._buffer.clear()
+        self._init_sync()
+        was_running = self._started and not self._closed
+        self._started = False
+        if was_running:
+            self.start()
+
+    def _undelivered(self) -> int:
+        return len(self._buffer) + self._in_flight
+
+    def _run(self) -> None:
+        try:
+            while not self._closed:
+                self._cycle()
+        except Exception:  # pragma: no cover - defensive: the worker must not die silently
+            logger.exception("exporter %s: worker crashed", self.name)
+        self._finish()
+
+    def _cycle(self) -> None:
+        self._wake.clear()
+        now = time.monotonic()
+        ticket = self._flush_requested
+        backing_off = now < self._retry_at
+        # While backing off, adds only check the cap; otherwise they wake us at a batch.
+        self._check_at = self.max_buffered_events + 1 if backing_off else self._wake_at
+        self._enforce_cap()
+        self._warn_drops(now)
+        if ticket > self._flush_done:
+            self._drain(stop_at=None)
+            self._mark_flushed(ticket)
+            return
+        if backing_off:
+            self._wake.wait(self._retry_at - now)
+            return
+        size = len(self._buffer)
+        if size >= self._wake_at or (size and now >= self._next_flush):
+            self._export_batch()
+            self._next_flush = time.monotonic() + self.flush_interval
+            return
+        if not self._bulk:
+            self._wake.wait()
+            return
+        if now >= self._next_flush:
+            self._next_flush = now + self.flush_interval
+        self._wake.wait(self._next_flush - now)
+
+    def _mark_flushed(self, ticket: int) -> None:
+        with self._cond:
+            self._flush_done = max(self._flush_done, ticket)
+            self._cond.notify_all()
+
+    def _drain(self, stop_at: float | None) -> bool:
+        """Export batches until the buffer is empty; False on the first failure."""
+        while self._buffer:
+            if not self._export_batch():
+                return False
+            if stop_at is not None and time.monotonic() >= stop_at:
+                return not self._buffer
+        return True
+
+    def _take_batch(self) -> list[Event]:
+        buffer = self._buffer
+        with self._lock:
+            count = min(len(buffer), self.max_events_in_memory)
+            batch = [buffer.popleft() for _ in range(count)]
+            self._in_flight = count
+        return batch
+
+    def _export_batch(self) -> bool:
+        batch = self._take_batch()
+        if not batch:
+            return True
+        retry: Sequence[Event] = ()
+        rejected: Sequence[Event] = ()
+        error: BaseException | None = None
+        try:
+            self.exporter.export(batch)
+        except PartialExportError as exc:
+            error, retry, rejected = exc, exc.failed, exc.rejected
+        except PermanentExportError as exc:
+            error, rejected = exc, batch
+        except Exception as exc:
+            error, retry = exc, batch
+        with self._lock:
+            self._exported += len(batch) - len(retry) - len(rejected)
+            if rejected:
+                self._dropped["rejected"] += len(rejected)
+            if retry:
+                self._buffer.extendleft(reversed(retry))
+                self._retried += len(retry)
+            self._in_flight = 0
+        if error is None:
+            self._attempt = 0
+            self._retry_at = 0.0
+            return True
+        self._record_failure(error, len(batch), len(retry), len(rejected))
+        return not retry
+
+    def _record_failure(self, error: BaseException, size: int, retry: int, rejected: int) -> None:
+        self._failed_attempts += 1
+        self._last_error = f"{type(error).__name__}: {error}"
+        self._last_error_time = time.time()
+        if rejected:
+            logger.error(
+                "exporter %s: %d of %d events rejected for good and dropped: %s",
+                self.name,
+                rejected,
+                size,
+                self._last_error,
+            )
+        if retry:
+            delay = min(self.retry_max, self.retry_initial * 2.0**self._attempt)
+            delay *= 0.5 + random.random() / 2  # equal jitter: [delay/2, delay)
+            self._attempt += 1
+            self._retry_at = time.monotonic() + delay
+            logger.warning(
+                "exporter %s: export of %d events failed (attempt %d), retrying %d in %.1fs: %s",
+                self.name,
+                size,
+                self._attempt,
+                retry,
+                delay,
+                self._last_error,
+            )
+
+    def _enforce_cap(self) -> None:
+        overflow = len(self._buffer) - self.max_buffered_events
+        if overflow > 0:
+            self._drop_oldest(overflow, "overflow")
+
+    def _drop_oldest(self, count: int, reason: str) -> None:
+        buffer = self._buffer
+        dropped = 0
+        with self._lock:
+            try:
+                for _ in range(count):
+                    buffer.popleft()
+                    dropped += 1
+            except IndexError:
+                pass
+            self._dropped[reason] += dropped
+
+    def _warn_drops(self, now: float) -> None:
+        total = self._dropped["overflow"]
+        new = total - self._dropped_logged
+        if new and now - self._last_drop_warning >= _DROP_WARNING_INTERVAL:
+            self._dropped_logged = total
+            self._last_drop_warning = now
+            logger.warning(
+                "exporter %s: buffer full (%d events): dropped the %d oldest events "
+                "(%d in total); the exporter is failing or slower than the event rate",
+                self.name,
+                self.max_buffered_events,
+                new,
+                total,
+            )
+
+    def _finish(self) -> None:
+        """Final flush until the close deadline, then account for what is left."""
+        self._finished = True
+        try:
+            while self._buffer and time.monotonic() < self._deadline:
+                if self._drain(stop_at=self._deadline):
+                    break
+                pause = min(self._retry_at, self._deadline) - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+            self._warn_drops(float("inf"))
+            left = len(self._buffer)
+            if left:
+                self._drop_oldest(left, "shutdown")
+                logger.error(
+                    "exporter %s: closed with %d events undelivered (last error: %s)",
+                    self.name,
+                    left,
+                    self._last_error,
+                )
+        finally:
+            self._mark_flushed(self._flush_requested)
+            try:
+                self.exporter.close()
+            except Exception:
+                logger.exception("exporter %s: close() failed", self.name)
