@@ -169,7 +169,21 @@ class Registry:
     def _load(self, name: str) -> None:
         if name in self._loaded:
             return
+        # A failed load is undone, so asking again fails the same way and a broken plugin
+        # leaves nothing behind that breaks, or is served instead of, another one.
+        saved = {what: dict(table) for what, table in self._things.items()}
+        added: list[object] = []
+        try:
+            self._load_entry_points(name, added)
+        except Exception:
+            for plugin in added:
+                if self.pm.is_registered(plugin):
+                    self.pm.unregister(plugin)
+            self._things.update(saved)
+            raise
         self._loaded.add(name)
+
+    def _load_entry_points(self, name: str, added: list[object]) -> None:
         blocked = _disabled()
         for ep in metadata.entry_points(group=GROUP, name=name):
             if _is_disabled(ep, blocked):
@@ -185,19 +199,30 @@ class Registry:
                     f"(pip install -U {dist}), or block it with {DISABLE_ENV}={ep.name}"
                 ) from exc
             if not self.pm.is_registered(module):
-                self.pm.register(module, name=f"{dist}:{ep.name}")
+                added.append(module)
+                try:
+                    self.pm.register(module, name=f"{dist}:{ep.name}")
+                    self.pm.check_pending()
+                except pluggy.PluginValidationError as exc:
+                    raise PluginLoadError(
+                        f"plugin {dist} {version} (entry point {ep.name!r}) is invalid with "
+                        f"flagsink {core_version()}: {exc}"
+                    ) from exc
                 self._collect(module, source)
-        try:
-            self.pm.check_pending()
-        except pluggy.PluginValidationError as exc:
-            raise PluginLoadError(f"plugin for {name!r}: {exc}") from exc
 
     def _collect(self, plugin: object, source: str) -> None:
         for what, hook_name in _HOOKS.items():
             hook = getattr(self.pm.hook, hook_name)
             for impl in hook.get_hookimpls():
                 if impl.plugin is plugin:
-                    impl.function(register=self._registrar(what, source))
+                    try:
+                        impl.function(register=self._registrar(what, source))
+                    except PluginError:
+                        raise
+                    except Exception as exc:
+                        raise PluginLoadError(
+                            f"{source}: {hook_name} failed: {type(exc).__name__}: {exc}"
+                        ) from exc
 
     def _registrar(self, what: str, source: str) -> Callable[[type[Any]], None]:
         attribute = "name" if what == "format" else "kind"

@@ -1,0 +1,236 @@
+"""The ``flagsink`` command: list plugins, validate a config, replay events through it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from typing import IO, Any
+
+import click
+
+from flagsink.config import Config, ConfigError, load_config
+from flagsink.pipeline import Pipeline, from_config
+from flagsink.plugins import PluginError, core_version, installed_plugins
+from flagsink.wire import EventDecodeError, decode_event
+
+__all__ = ["main"]
+
+_SHOWN_ERRORS = 20
+EXIT_LOST = 1
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> None:
+    click.echo(f"flagsink: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+        sys.exit(EXIT_USAGE)
+    except PluginError as exc:
+        _fail(str(exc))
+        raise  # unreachable
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(core_version(), "--version", "-V", prog_name="flagsink")
+@click.option(
+    "--log-level",
+    default="WARNING",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    help="Level of flagsink's own log messages (on stderr).",
+)
+def main(log_level: str) -> None:
+    """Export feature-flag evaluation events to where you keep data."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def plugins(as_json: bool) -> None:
+    """List installed plugins (read from package metadata; nothing is imported)."""
+    rows = [
+        {
+            "kind": plugin.name,
+            "distribution": plugin.distribution,
+            "version": plugin.version,
+            "mode": plugin.mode or "-",
+            "module": plugin.module,
+            "disabled": plugin.disabled,
+        }
+        for plugin in installed_plugins()
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    headers = ["KIND", "DISTRIBUTION", "VERSION", "MODE", "STATUS"]
+    table: list[list[str]] = [headers]
+    for r in rows:
+        status = "disabled" if r["disabled"] else ""
+        table.append(
+            [str(r["kind"]), str(r["distribution"]), str(r["version"]), str(r["mode"]), status]
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
+    for line in table:
+        click.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        )
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+def validate(config: str) -> None:
+    """Check CONFIG (YAML or JSON) and that its exporters can be built."""
+    loaded = _load(config)
+    problems: list[str] = []
+    for section in loaded.exporters:
+        try:
+            section.build().close()
+        except ConfigError as exc:
+            problems.extend(f"{config}: {problem}" for problem in exc.problems)
+    if problems:
+        for problem in problems:
+            click.echo(f"error: {problem}", err=True)
+        sys.exit(EXIT_USAGE)
+    click.echo(f"{config}: OK, {len(loaded.exporters)} exporter(s)")
+    for section in loaded.exporters:
+        mode = "bulk" if section.exporter_class.bulk else "queue"
+        click.echo(f"  {section.path}: {section.label} ({mode}, {section.scheduling.event_type})")
+
+
+@dataclass
+class _Replay:
+    lines: int = 0
+    accepted: int = 0
+    rejected: int = 0
+
+
+@main.command()
+@click.option(
+    "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Config file."
+)
+@click.argument("events", default="-", type=click.File("rb"))
+@click.option(
+    "--timeout",
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for a failing exporter to recover before giving up.",
+)
+@click.option(
+    "--progress/--no-progress", default=None, help="Progress bar (default: on a terminal)."
+)
+def export(config_path: str, events: IO[bytes], timeout: float, progress: bool | None) -> None:
+    """Replay EVENTS (JSON lines; '-' for stdin) through the configured exporters.
+
+    Malformed lines are reported with their line number and skipped; the exit code is 1
+    if any line was rejected or any event was not delivered.
+    """
+    config = _load(config_path)
+    try:
+        pipeline = from_config(config)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+        sys.exit(EXIT_USAGE)
+    name = getattr(events, "name", "-")
+    name = "<stdin>" if name in ("-", "<stdin>") else name
+    show = sys.stderr.isatty() if progress is None else progress
+    replay = _Replay()
+    try:
+        _replay(pipeline, events, name, replay, show=show, timeout=timeout)
+    finally:
+        delivered = pipeline.close(timeout)
+    stats = pipeline.stats()
+    lost = sum(s.dropped for s in stats) + sum(s.buffered + s.in_flight for s in stats)
+    exported = ", ".join(f"{s.exporter}: {s.exported} exported" for s in stats)
+    click.echo(
+        f"{replay.lines} lines: {replay.accepted} accepted, {replay.rejected} rejected; "
+        f"{exported}; {lost} lost",
+        err=True,
+    )
+    if replay.rejected or lost or not delivered:
+        sys.exit(EXIT_LOST)
+
+
+def _replay(
+    pipeline: Pipeline, stream: IO[bytes], name: str, replay: _Replay, *, show: bool, timeout: float
+) -> None:
+    size = _size_of(stream)
+    bar: Any = (
+        click.progressbar(length=size, label="exporting", file=sys.stderr, show_pos=size is None)
+        if show
+        else _NoBar()
+    )
+    with bar:
+        for number, line in enumerate(stream, start=1):
+            replay.lines = number
+            bar.update(len(line) if size is not None else 1)
+            if not line.strip():
+                continue
+            try:
+                event = decode_event(line)
+            except EventDecodeError as exc:
+                replay.rejected += 1
+                if replay.rejected <= _SHOWN_ERRORS:
+                    click.echo(f"{name}:{number}: rejected: {exc}", err=True)
+                continue
+            pipeline.add_event(event)
+            replay.accepted += 1
+            if replay.accepted % 1024 == 0:
+                _wait_for_room(pipeline, timeout)
+    if replay.rejected > _SHOWN_ERRORS:
+        click.echo(f"{name}: ... {replay.rejected - _SHOWN_ERRORS} more rejected", err=True)
+
+
+def _wait_for_room(pipeline: Pipeline, timeout: float) -> None:
+    """Back-pressure: a replay never outruns an exporter into dropping events."""
+    for scheduler in pipeline.schedulers:
+        deadline = time.monotonic() + timeout
+        while scheduler.stats().buffered >= scheduler.max_events_in_memory:
+            if scheduler.flush(max(deadline - time.monotonic(), 0.0)):
+                break
+            if time.monotonic() >= deadline:
+                error = scheduler.stats().last_error
+                raise click.ClickException(
+                    f"exporter {scheduler.name} kept failing for {timeout:.0f}s "
+                    f"(last error: {error}); stopping the replay"
+                )
+            time.sleep(min(0.5, max(deadline - time.monotonic(), 0.0)))
+
+
+def _size_of(stream: IO[bytes]) -> int | None:
+    try:
+        if stream.seekable():
+            position = stream.tell()
+            size = stream.seek(0, 2) - position
+            stream.seek(position)
+            return size
+    except OSError:
+        pass
+    return None
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+    def update(self, _: int) -> None:
+        return None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,211 @@
+"""Settings tables for the docs, generated from the pydantic settings models.
+
+Markdown files mark where a table goes; everything between the markers is generated::
+
+    <!-- settings-table: file -->      exporter `file`: kind, its own keys, the common keys
+    <!-- settings-table: common -->    the keys common to every exporter section
+    <!-- /settings-table -->
+
+``python -m flagsink.docgen --write FILE...`` regenerates the tables in place;
+``--check`` changes nothing and exits 1 listing the files whose tables are stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import re
+import sys
+import types
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel, SecretStr
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from flagsink.config import SchedulingSettings
+from flagsink.plugins import default_registry
+
+__all__ = ["DocgenError", "exporter_table", "main", "render_markers", "settings_table"]
+
+COMMON = "common"
+_MARKER = re.compile(
+    r"(?P<open><!-- settings-table: *(?P<kind>[A-Za-z0-9_.-]+) *-->)"
+    r"(?P<body>.*?)"
+    r"(?P<close><!-- /settings-table -->)",
+    re.DOTALL,
+)
+_OPEN = re.compile(r"<!-- settings-table:")
+_CODE = re.compile(r"(`+)(.+?)\1", re.DOTALL)
+_NAMES = {
+    str: "string",
+    int: "integer",
+    float: "number",
+    bool: "boolean",
+    SecretStr: "string (secret)",
+    Path: "path",
+    Any: "any",
+}
+_HEADER = "| Key | Type | Default | Description |\n|---|---|---|---|"
+
+
+class DocgenError(Exception):
+    """A marker is malformed or names an unknown exporter kind."""
+
+
+def settings_table(model: type[BaseModel]) -> str:
+    """A Markdown table of ``model``'s fields: camelCase key, type, default, description."""
+    return "\n".join([_HEADER, *_rows(model)])
+
+
+def exporter_table(kind: str) -> str:
+    """The table for exporter ``kind``: ``kind``, its own settings, then the common keys.
+
+    Use ``kind="common"`` for the common keys only.
+    """
+    if kind == COMMON:
+        return settings_table(SchedulingSettings)
+    settings_model = default_registry().exporter(kind).settings_model
+    kind_row = f"| `kind` | string | required | Always `{kind}` for this exporter. |"
+    common = [row for row in _rows(SchedulingSettings) if not row.startswith("| `kind` ")]
+    return "\n".join([_HEADER, kind_row, *_rows(settings_model), *common])
+
+
+def render_markers(text: str, *, source: str = "<text>") -> str:
+    """``text`` with the content between every pair of markers regenerated."""
+    opened = len(_OPEN.findall(text))
+    found = list(_MARKER.finditer(text))
+    if opened != len(found) or text.count("<!-- /settings-table -->") != opened:
+        raise DocgenError(
+            f"{source}: every `<!-- settings-table: KIND -->` needs one "
+            "`<!-- /settings-table -->` after it"
+        )
+
+    def replace(match: re.Match[str]) -> str:
+        kind = match.group("kind")
+        try:
+            table = exporter_table(kind)
+        except Exception as exc:
+            raise DocgenError(f"{source}: settings-table {kind!r}: {exc}") from exc
+        return f"{match.group('open')}\n\n{table}\n\n{match.group('close')}"
+
+    return _MARKER.sub(replace, text)
+
+
+def _rows(model: type[BaseModel]) -> list[str]:
+    return [_row(name, info) for name, info in model.model_fields.items()]
+
+
+def _row(name: str, info: FieldInfo) -> str:
+    key = info.alias or name
+    default = "required" if info.is_required() else _default_text(info)
+    description = (info.description or "").replace("\n", " ").strip()
+    cells = [f"`{key}`", _type_text(info.annotation), default, description]
+    return "| " + " | ".join(_cell(cell) for cell in cells) + " |"
+
+
+def _type_text(annotation: Any) -> str:
+    if annotation is None or annotation is type(None):
+        return "null"
+    origin = get_origin(annotation)
+    args = get_args(annotation)
+    if origin is Literal:
+        return " or ".join(_code(_value_text(arg)) for arg in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_text(arg) for arg in args if arg is not type(None))
+    if origin in (list, tuple, set, frozenset, Sequence):
+        return f"list of {_type_text(args[0])}" if args else "list"
+    if origin is dict:
+        return f"mapping of {_type_text(args[1])}" if args else "mapping"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "mapping"
+    name = _NAMES.get(annotation)
+    if name is not None:
+        return name
+    return str(getattr(annotation, "__name__", annotation))
+
+
+def _default_text(info: FieldInfo) -> str:
+    value = info.get_default(call_default_factory=True, validated_data={})
+    if value is None or value is PydanticUndefined:
+        return "unset"
+    if isinstance(value, SecretStr):
+        return "hidden"
+    return _code(_value_text(value))
+
+
+def _code(text: str) -> str:
+    """``text`` as a Markdown code span, whatever backticks it holds."""
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    padded = f" {text} " if fence != "`" else text
+    return f"{fence}{padded}{fence}"
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value.replace("\n", "\\n").replace("\t", "\\t") if value else '""'
+    return json.dumps(value, default=str)
+
+
+def _cell(text: str) -> str:
+    """Escape ``|`` so it does not split the cell, in GitHub and Python-Markdown alike."""
+    out: list[str] = []
+    position = 0
+    for match in _CODE.finditer(text):
+        out.append(text[position : match.start()].replace("|", "\\|"))
+        code = match.group(2)
+        if "|" in code:
+            out.append(f"<code>{html.escape(code).replace('|', '&#124;')}</code>")
+        else:
+            out.append(match.group(0))
+        position = match.end()
+    out.append(text[position:].replace("|", "\\|"))
+    return "".join(out)
+
+
+def _process(paths: Iterable[Path], *, write: bool) -> list[Path]:
+    stale = []
+    for path in paths:
+        text = path.read_text(encoding="utf-8")
+        fresh = render_markers(text, source=str(path))
+        if fresh != text:
+            stale.append(path)
+            if write:
+                path.write_text(fresh, encoding="utf-8")
+    return stale
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m flagsink.docgen --check|--write FILE...``; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flagsink.docgen",
+        description="Regenerate (--write) or verify (--check) the settings tables between "
+        "`<!-- settings-table: KIND -->` and `<!-- /settings-table -->` markers.",
+    )
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--check", action="store_true", help="exit 1 if any table is stale")
+    mode.add_argument("--write", action="store_true", help="rewrite stale tables in place")
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    args = parser.parse_args(argv)
+    try:
+        stale = _process(args.files, write=args.write)
+    except (DocgenError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in stale:
+        print(f"{'updated' if args.write else 'stale'}: {path}")
+    if stale and args.check:
+        print(
+            f"{len(stale)} file(s) have stale settings tables; run: python -m flagsink.docgen "
+            f"--write {' '.join(str(p) for p in stale)}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

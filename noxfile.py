@@ -1,0 +1,116 @@
+"""Developer and CI sessions. `nox` runs the default set; `nox -s bench` runs benchmarks.
+
+Every session installs into its own uv virtualenv, constrained to the versions pinned in
+uv.lock, so a run on a fresh machine uses exactly what the developers tested.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "uv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+nox.options.sessions = ["lint", "typecheck", "docs", "core", "plugin"]
+
+ROOT = Path(__file__).parent
+PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
+PLUGINS = sorted(
+    path.name for path in (ROOT / "plugins").iterdir() if (path / "pyproject.toml").is_file()
+)
+CORE = "./core[parquet,testing]"
+
+
+def _constraints(session: nox.Session) -> list[str]:
+    """`-c <file>` pinning every package to its uv.lock version."""
+    target = Path(session.create_tmp()) / "constraints.txt"
+    session.run_install(
+        "uv",
+        "export",
+        "--frozen",
+        "--all-packages",
+        "--all-groups",
+        "--no-hashes",
+        "--no-emit-workspace",
+        "--no-header",
+        "--quiet",
+        "-o",
+        str(target),
+        external=True,
+        silent=True,
+    )
+    return ["-c", str(target)]
+
+
+def _install(session: nox.Session, *args: str, groups: tuple[str, ...] = ()) -> None:
+    requirements = [
+        req for group in groups for req in nox.project.dependency_groups(PYPROJECT, group)
+    ]
+    session.install(*_constraints(session), *args, *requirements)
+
+
+def _pytest(session: nox.Session, *paths: str) -> None:
+    session.run("pytest", *paths, *session.posargs, env={"CI": os.environ.get("CI", "")})
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff check and ruff format --check over the whole tree."""
+    _install(session, groups=("lint",))
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict on core."""
+    _install(session, "-e", CORE, groups=("lint",))
+    session.run("mypy", "core/src")
+
+
+@nox.session
+def core(session: nox.Session) -> None:
+    """Core tests with no plugin installed."""
+    _install(session, "-e", CORE, groups=("test",))
+    _pytest(session, "tests/core", "tests/e2e")
+
+
+@nox.session
+@nox.parametrize("name", PLUGINS or ["(none)"])
+def plugin(session: nox.Session, name: str) -> None:
+    """One plugin's tests with only core and that plugin installed (proves isolation)."""
+    if name == "(none)":
+        session.skip("no plugins under plugins/ yet")
+    _install(session, "-e", CORE, "-e", f"./plugins/{name}", groups=("test",))
+    _pytest(session, f"tests/plugins/{name}")
+
+
+@nox.session(name="all")
+def all_(session: nox.Session) -> None:
+    """Every test with core and every plugin installed together."""
+    plugins = [arg for name in PLUGINS for arg in ("-e", f"./plugins/{name}")]
+    _install(session, "-e", CORE, *plugins, groups=("test",))
+    _pytest(session, "tests")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmarks with their peers (not pass/fail): `nox -s bench -- --quick`."""
+    _install(session, "-e", CORE, groups=("bench",))
+    session.run("python", "tests/benchmarks/bench_core.py", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Settings tables in sync with the models, then a strict mkdocs build."""
+    _install(session, "-e", CORE, groups=("docs",))
+    session.run("python", "-m", "flagsink.docgen", "--check", *_markdown_files())
+    session.run("mkdocs", "build", "--strict", "-f", "docs/mkdocs.yml", "-d", session.create_tmp())
+
+
+def _markdown_files() -> list[str]:
+    files = [*ROOT.glob("docs/pages/**/*.md"), *ROOT.glob("plugins/*/README.md")]
+    return sorted(str(path.relative_to(ROOT)) for path in files)
