@@ -21,7 +21,7 @@ PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 PLUGINS = sorted(
     path.name for path in (ROOT / "plugins").iterdir() if (path / "pyproject.toml").is_file()
 )
-CORE = "./core[parquet,testing]"
+CORE = "./core[parquet,testing,relay]"
 
 
 def _constraints(session: nox.Session) -> list[str]:

@@ -117,6 +117,25 @@ class _Replay:
 
 
 @main.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Config file.")
+@click.option("--host", default=None, help="Interface to bind (default: from config, 127.0.0.1).")
+@click.option("--port", default=None, type=int, help="Port (default: from config, 1031).")
+@click.option("--workers", default=1, show_default=True, help="Worker processes.")
+def serve(config_path: str | None, host: str | None, port: int | None, workers: int) -> None:
+    """Run the relay: GO Feature Flag's /v1/data/collector, routed to the exporters.
+
+    With no --config, events go to JSON lines files under ./flagsink-data.
+    """
+    try:
+        from flagsink.relay.server import serve as run  # noqa: PLC0415 - optional extra
+    except ImportError as exc:
+        _fail(f"the relay needs extra packages ({exc.name}): pip install 'flagsink[relay]'")
+        raise  # unreachable
+    config = _load(config_path) if config_path else None
+    run(config, host=host, port=port, workers=workers)
+
+
+@main.command()
 @click.option(
     "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Config file."
 )

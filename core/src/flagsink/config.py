@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from flagsink.exporter import Exporter, ExporterSettings, SettingsError
@@ -122,6 +130,89 @@ class SchedulingSettings(BaseModel):
     )
     name: str | None = Field(None, description="Label in logs and metrics (default: kind).")
 
+    @model_validator(mode="after")
+    def _cap_holds_a_batch(self) -> SchedulingSettings:
+        cap = self.max_buffered_events
+        if cap is not None and cap < self.max_event_in_memory:
+            raise ValueError(
+                f"maxBufferedEvents: must be at least maxEventInMemory ({self.max_event_in_memory})"
+            )
+        return self
+
+
+class AuthorizedKeys(BaseModel):
+    """API keys as in goff-proxy.yaml's ``authorizedKeys``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    evaluation: list[SecretStr] = Field(
+        default_factory=list, description="Keys allowed to send events and read flags."
+    )
+    admin: list[SecretStr] = Field(
+        default_factory=list, description="Keys allowed everything, including admin calls."
+    )
+
+
+class ServiceSettings(BaseModel):
+    """Top-level keys of the relay service (``flagsink serve``)."""
+
+    model_config = ConfigDict(extra="ignore", alias_generator=to_camel, populate_by_name=True)
+
+    listen: int | str = Field(
+        1031, description="Port (`1031`) or `host:port` to listen on; GO Feature Flag's key."
+    )
+    host: str = Field("127.0.0.1", description="Interface to bind when `listen` is a port.")
+    authorized_keys: AuthorizedKeys = Field(
+        default_factory=AuthorizedKeys,
+        description="`{evaluation: [...], admin: [...]}`: when any key is set, every "
+        "endpoint but /health and /info needs `X-API-Key` or `Authorization: Bearer`.",
+    )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="Legacy list of keys (GO Feature Flag's `apiKeys`)."
+    )
+    max_body_bytes: int = Field(
+        5 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted, in bytes (413 past it).",
+    )
+    log_level: Literal["debug", "info", "warn", "warning", "error"] = Field(
+        "info", description="Level of the relay's own logs."
+    )
+    log_format: Literal["text", "logfmt", "json"] = Field(
+        "text", description="Relay log lines as `text` or `json`."
+    )
+    shutdown_timeout: float = Field(
+        10.0, gt=0, description="Seconds allowed to flush every exporter on SIGTERM/SIGINT."
+    )
+
+    @property
+    def keys(self) -> list[str]:
+        """Every key that may call the protected endpoints."""
+        keys = [*self.authorized_keys.evaluation, *self.authorized_keys.admin, *self.api_keys]
+        return [key.get_secret_value() for key in keys]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` from ``listen`` and ``host``."""
+        if isinstance(self.listen, int):
+            return self.host, self.listen
+        host, _, port = self.listen.rpartition(":")
+        return (host or self.host), int(port)
+
+    @field_validator("listen")
+    @classmethod
+    def _valid_listen(cls, listen: int | str) -> int | str:
+        text = str(listen)
+        port = text.rpartition(":")[2]
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected a port (1-65535) or host:port, e.g. 1031 or 0.0.0.0:1031")
+        return int(text) if text.isdigit() else text
+
+
+SERVICE_KEYS = frozenset(
+    (info.alias or name) for name, info in ServiceSettings.model_fields.items()
+)
+
 
 COMMON_KEYS = frozenset(
     (info.alias or name) for name, info in SchedulingSettings.model_fields.items()
@@ -157,6 +248,7 @@ class Config:
     source: str
     exporters: list[ExporterConfig]
     raw: dict[str, Any] = field(repr=False)
+    service: ServiceSettings = field(default_factory=lambda: ServiceSettings.model_validate({}))
 
 
 def load_config(path: str | os.PathLike[str], registry: Registry | None = None) -> Config:
@@ -201,9 +293,16 @@ def parse_config(
             exporters.append(built)
     if not problems and not exporters:
         problems.append(where("", "no exporter configured: add an `exporter:` or `exporters:`"))
+    service = ServiceSettings.model_validate({})
+    try:
+        service = ServiceSettings.model_validate(
+            {k: v for k, v in data.items() if k in SERVICE_KEYS}
+        )
+    except ValidationError as exc:
+        problems.extend(_validation_problems(exc, "", where, SERVICE_KEYS))
     if problems:
         raise ConfigError(problems)
-    return Config(source=source, exporters=exporters, raw=data)
+    return Config(source=source, exporters=exporters, raw=data, service=service)
 
 
 # -- parsing ---------------------------------------------------------------------------------
@@ -227,7 +326,10 @@ def _parse_text(text: str, source: str) -> tuple[Any, dict[str, int]]:
         raise ConfigError([f"{source}{line}: invalid YAML: {problem}"]) from None
     lines: dict[str, int] = {}
     if node is not None:
-        _record_lines(node, "", lines)
+        try:
+            _record_lines(node, "", lines)
+        except RecursionError:
+            raise ConfigError([f"{source}: invalid YAML: an alias refers to itself"]) from None
     return data, lines
 
 
@@ -316,13 +418,16 @@ def _exporter_config(
     if "kind" not in section:
         problems.append(where(f"{path}.kind", "required: the exporter kind, e.g. `file`"))
         return None
+    scheduling: SchedulingSettings | None = None
     try:
         scheduling = SchedulingSettings.model_validate(section)
-    except ValidationError as exc:
+    except ValidationError as exc:  # still check the exporter's own keys below
         problems.extend(_validation_problems(exc, path, where, COMMON_KEYS))
+    kind = section["kind"]
+    if not isinstance(kind, str):
         return None
     try:
-        cls: type[Exporter[Any]] = registry.exporter(scheduling.kind)
+        cls: type[Exporter[Any]] = registry.exporter(kind)
     except PluginError as exc:
         problems.append(where(f"{path}.kind", str(exc)))
         return None
@@ -333,6 +438,8 @@ def _exporter_config(
     except ValidationError as exc:
         keys = {(info.alias or name) for name, info in model.model_fields.items()}
         problems.extend(_validation_problems(exc, path, where, keys | COMMON_KEYS))
+        return None
+    if scheduling is None:
         return None
     return ExporterConfig(path=path, scheduling=scheduling, exporter_class=cls, settings=settings)
 
@@ -359,8 +466,8 @@ def _validation_problems(
         elif kind == "value_error":
             message = message.removeprefix("Value error, ")
             head, _, rest = message.partition(": ")
-            if not location and head in valid:  # "csvTemplate: ..." from a model check
+            if head in valid and location in ("", head):  # "csvTemplate: ..." from a check
                 location, message = head, rest
-        full = f"{path}.{location}" if location else path
+        full = f"{path}.{location}" if path and location else (location or path)
         problems.append(where(full, message))
     return problems

@@ -39,6 +39,7 @@ _MARKER = re.compile(
     re.DOTALL,
 )
 _OPEN = re.compile(r"<!-- settings-table:")
+_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})[^\n]*\n.*?^ {0,3}\1[ \t]*$", re.MULTILINE | re.DOTALL)
 _CODE = re.compile(r"(`+)(.+?)\1", re.DOTALL)
 _NAMES = {
     str: "string",
@@ -75,7 +76,21 @@ def exporter_table(kind: str) -> str:
 
 
 def render_markers(text: str, *, source: str = "<text>") -> str:
-    """``text`` with the content between every pair of markers regenerated."""
+    """``text`` with the content between every pair of markers regenerated.
+
+    Markers inside fenced code blocks are examples, left as they are.
+    """
+    parts: list[str] = []
+    position = 0
+    for fence in _FENCE.finditer(text):
+        parts.append(_render_prose(text[position : fence.start()], source))
+        parts.append(fence.group(0))
+        position = fence.end()
+    parts.append(_render_prose(text[position:], source))
+    return "".join(parts)
+
+
+def _render_prose(text: str, source: str) -> str:
     opened = len(_OPEN.findall(text))
     found = list(_MARKER.finditer(text))
     if opened != len(found) or text.count("<!-- /settings-table -->") != opened:

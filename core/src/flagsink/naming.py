@@ -2,9 +2,11 @@
 
 Fields: ``Hostname``, ``Timestamp`` (Unix seconds), ``Format`` (extension), and the flush
 time in UTC as ``Year``, ``Month``, ``Day``, ``Hour``, ``Minute`` (for partitioned paths).
-Two names from one :class:`ObjectNamer` never repeat: a flush in the same second as the
-previous one gets a ``-1``, ``-2`` ... suffix before the extension. A name can never leave
-its directory: absolute paths and ``..`` are rejected.
+Two names from one :class:`ObjectNamer` never repeat: a name rendered again (a flush in the
+same second, a clock stepped back, a template that cycles such as ``{{ .Minute}}``) gets a
+``-1``, ``-2`` ... suffix before the extension (the last :data:`REMEMBERED` distinct names
+are remembered). A name can never leave its directory: absolute paths and ``..`` are
+rejected.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from flagsink.template import Template, TemplateError
 __all__ = [
     "DEFAULT_FILENAME",
     "FILENAME_FIELDS",
+    "REMEMBERED",
     "ObjectNamer",
     "check_relative_path",
     "hostname",
@@ -30,6 +33,8 @@ FILENAME_FIELDS = frozenset(
     {"Hostname", "Timestamp", "Format", "Year", "Month", "Day", "Hour", "Minute"}
 )
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# Distinct rendered names an ObjectNamer remembers to keep its names unique.
+REMEMBERED = 10_000
 
 
 def hostname() -> str:
@@ -78,8 +83,8 @@ class ObjectNamer:
         self.setting = setting
         self.host = hostname()
         self._lock = threading.Lock()
-        self._last = ""
-        self._sequence = 0
+        # Rendered name -> last sequence handed out for it, least recently used first.
+        self._used: dict[str, int] = {}
         check_relative_path(self.render_base(time.time()), setting=setting)
 
     def render_base(self, now: float) -> str:
@@ -91,11 +96,10 @@ class ObjectNamer:
         base = self.render_base(time.time() if now is None else now)
         check_relative_path(base, setting=self.setting)
         with self._lock:
-            if base == self._last:
-                self._sequence += 1
-            else:
-                self._last, self._sequence = base, 0
-            sequence = self._sequence
+            sequence = self._used.pop(base, -1) + 1
+            self._used[base] = sequence
+            if len(self._used) > REMEMBERED:
+                del self._used[next(iter(self._used))]
         return with_suffix(base, sequence, self.extension)
 
 

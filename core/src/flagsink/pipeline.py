@@ -39,6 +39,10 @@ class Pipeline:
         for add in self._routes.get(type(event), ()):
             add(event)
 
+    def free_capacity(self) -> int:
+        """Events every exporter can still take without dropping (the smallest room)."""
+        return min((s.free_capacity for s in self.schedulers), default=0)
+
     def flush(self, timeout: float | None = None) -> bool:
         """Flush every exporter; True when all delivered everything."""
         deadline = None if timeout is None else time.monotonic() + timeout

@@ -270,8 +270,11 @@ class Registry:
 
     def _available(self, what: str) -> set[str]:
         names = set(self._things[what])
-        if what == "exporter":
-            names |= {p.name for p in installed_plugins() if p.mode and not p.disabled}
+        enabled = [p for p in installed_plugins() if not p.disabled]
+        if what == "exporter":  # exporters declare a mode in `flagsink.modes`
+            names |= {p.name for p in enabled if p.mode in ("bulk", "queue")}
+        elif what == "format":  # by convention, entry points of formats declare no mode
+            names |= {p.name for p in enabled if p.mode is None}
         return names
 
 

@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +109,8 @@ class DataExporterScheduler:
         self.max_buffered_events = cap
         self.retry_initial = float(retry_initial)
         self.retry_max = float(retry_max)
+        #: Called after every export attempt with (seconds, batch size, succeeded).
+        self.on_export: Callable[[float, int, bool], None] | None = None
         self._bulk = bool(getattr(exporter, "bulk", True))
         # A queue exporter's worker wakes for the first waiting event; a bulk one for a batch.
         self._wake_at = max_events_in_memory if self._bulk else 1
@@ -185,7 +187,12 @@ class DataExporterScheduler:
                 return False
         elif not self._finished:
             self._finish()
-        return self._undelivered() == 0
+        return self._undelivered() == 0 and not self._dropped["shutdown"]
+
+    @property
+    def free_capacity(self) -> int:
+        """How many more events fit before the cap makes the oldest drop."""
+        return self.max_buffered_events - len(self._buffer)
 
     def begin_close(self, deadline: float) -> bool:
         """Tell the worker to make its final flush by ``deadline`` (``time.monotonic()``
@@ -282,7 +289,8 @@ class DataExporterScheduler:
             self._wake.wait(self._retry_at - now)
             return
         size = len(self._buffer)
-        if size >= self._wake_at or (size and now >= self._next_flush):
+        # A failed batch (_attempt > 0) is due again as soon as its backoff ends.
+        if size >= self._wake_at or (size and (now >= self._next_flush or self._attempt)):
             self._export_batch()
             self._next_flush = time.monotonic() + self.flush_interval
             return
@@ -322,6 +330,7 @@ class DataExporterScheduler:
         retry: Sequence[Event] = ()
         rejected: Sequence[Event] = ()
         error: BaseException | None = None
+        started = time.perf_counter()
         try:
             self.exporter.export(batch)
         except PartialExportError as exc:
@@ -330,6 +339,12 @@ class DataExporterScheduler:
             error, rejected = exc, batch
         except Exception as exc:
             error, retry = exc, batch
+        observer = self.on_export
+        if observer is not None:
+            try:
+                observer(time.perf_counter() - started, len(batch), error is None)
+            except Exception:
+                logger.exception("exporter %s: on_export observer failed", self.name)
         with self._lock:
             self._exported += len(batch) - len(retry) - len(rejected)
             if rejected:
@@ -337,10 +352,15 @@ class DataExporterScheduler:
             if retry:
                 self._buffer.extendleft(reversed(retry))
                 self._retried += len(retry)
+                # The cap holds at once: past it, the retried (oldest) events go first.
+                for _ in range(len(self._buffer) - self.max_buffered_events):
+                    self._buffer.popleft()
+                    self._dropped["overflow"] += 1
             self._in_flight = 0
-        if error is None:
+        if not retry:
             self._attempt = 0
             self._retry_at = 0.0
+        if error is None:
             return True
         self._record_failure(error, len(batch), len(retry), len(rejected))
         return not retry
@@ -411,6 +431,8 @@ class DataExporterScheduler:
             while self._buffer and time.monotonic() < self._deadline:
                 if self._drain(stop_at=self._deadline):
                     break
+                if self._retry_at >= self._deadline:
+                    break  # no retry can start in time: account for the rest now
                 pause = min(self._retry_at, self._deadline) - time.monotonic()
                 if pause > 0:
                     time.sleep(pause)

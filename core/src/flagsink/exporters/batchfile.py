@@ -60,7 +60,7 @@ class FileFormatSettings(ExporterSettings):
     @classmethod
     def _known_codec(cls, codec: str) -> str:
         if codec.upper() not in CODECS:
-            raise ValueError(f"{codec!r} is not supported; choose one of {', '.join(CODECS)}")
+            raise ValueError(f"this codec is not supported; choose one of {', '.join(CODECS)}")
         return codec.upper()
 
     @model_validator(mode="after")

@@ -44,7 +44,7 @@ class LogSettings(ExporterSettings):
     @classmethod
     def _known_level(cls, level: str) -> str:
         if level.upper() not in _LEVELS:
-            raise ValueError(f"{level!r} is not one of {', '.join(_LEVELS)}")
+            raise ValueError(f"this level is not one of {', '.join(_LEVELS)}")
         return level.upper()
 
 

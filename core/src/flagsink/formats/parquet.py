@@ -31,6 +31,7 @@ CODECS = {
     "UNCOMPRESSED": "none",
 }
 ROW_GROUP = 100_000
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _UNENCODABLE = (TypeError, ValueError, OverflowError, msgspec.EncodeError)
 
 
@@ -92,6 +93,8 @@ def _encodable(events: Sequence[Event]) -> tuple[list[Event], list[Event]]:
     rejected: list[Event] = []
     for event in events:
         try:
+            if not _INT64_MIN <= event.creation_date <= _INT64_MAX:
+                raise OverflowError("creationDate does not fit Parquet's int64 column")
             if type(event) is FeatureEvent:
                 _encode(event.value)
                 _metadata_map(event.metadata)

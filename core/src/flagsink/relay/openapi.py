@@ -1,0 +1,194 @@
+"""The relay's OpenAPI 3.1 document, served at ``/openapi.json``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["openapi_document"]
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": _ERROR}},
+    }
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def openapi_document(version: str, *, secured: bool) -> dict[str, Any]:
+    """The document; ``secured`` adds the API-key requirement to protected operations."""
+    security: list[dict[str, list[str]]] = [{"ApiKey": []}, {"Bearer": []}] if secured else []
+    unauthorized = {"401": _error("Missing or wrong API key.")} if secured else {}
+    string_or_null = {"type": ["string", "null"]}
+    object_or_null = {"type": ["object", "null"]}
+    event = {
+        "type": "object",
+        "description": "A GO Feature Flag FeatureEvent, or a TrackingEvent when kind is "
+        "`tracking`. Events without `key` are rejected individually.",
+        "properties": {
+            "kind": string_or_null,
+            "contextKind": string_or_null,
+            "userKey": string_or_null,
+            "creationDate": {"type": ["number", "null"], "description": "Seconds or ms."},
+            "key": string_or_null,
+            "variation": string_or_null,
+            "value": {},
+            "default": {"type": ["boolean", "null"]},
+            "version": {"type": ["string", "number", "null"]},
+            "source": string_or_null,
+            "metadata": object_or_null,
+            "evaluationContext": object_or_null,
+            "trackingEventDetails": object_or_null,
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "flagsink relay",
+            "version": version,
+            "description": "Collects feature-flag evaluation events (GO Feature Flag's "
+            "collector protocol) and routes them to the configured exporters.",
+        },
+        "paths": {
+            "/v1/data/collector": {
+                "post": {
+                    "operationId": "collectEvents",
+                    "summary": "Ingest a batch of evaluation and tracking events.",
+                    "security": security,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/CollectorRequest"}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "Events accepted (malformed ones listed).",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/CollectorResponse"}
+                                }
+                            },
+                        },
+                        "400": _error("Body is not JSON or has no `events` list."),
+                        **unauthorized,
+                        "413": _error("Body larger than maxBodyBytes."),
+                        "503": _error(
+                            "Exporter buffers are full; retry later.",
+                            {"Retry-After": {"schema": {"type": "string"}}},
+                        ),
+                    },
+                }
+            },
+            "/health": {
+                "get": {
+                    "operationId": "health",
+                    "summary": "Liveness.",
+                    "responses": {
+                        "200": {
+                            "description": "Alive.",
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "type": "object",
+                                        "properties": {"status": {"type": "string"}},
+                                        "required": ["status"],
+                                    }
+                                }
+                            },
+                        }
+                    },
+                }
+            },
+            "/info": {
+                "get": {
+                    "operationId": "info",
+                    "summary": "Version and installed kinds.",
+                    "responses": {
+                        "200": {
+                            "description": "Relay information.",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Info"}
+                                }
+                            },
+                        }
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics.",
+                    "security": security,
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text format.",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        **unauthorized,
+                    },
+                }
+            },
+        },
+        "components": {
+            "securitySchemes": {
+                "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "Bearer": {"type": "http", "scheme": "bearer"},
+            },
+            "schemas": {
+                "Event": event,
+                "CollectorRequest": {
+                    "type": "object",
+                    "required": ["events"],
+                    "properties": {
+                        "meta": object_or_null,
+                        "events": {
+                            "type": "array",
+                            "items": {"$ref": "#/components/schemas/Event"},
+                        },
+                    },
+                },
+                "CollectorResponse": {
+                    "type": "object",
+                    "required": ["ingestedContentCount", "rejectedContentCount", "rejected"],
+                    "properties": {
+                        "ingestedContentCount": {"type": "integer", "minimum": 0},
+                        "rejectedContentCount": {"type": "integer", "minimum": 0},
+                        "rejected": {
+                            "type": "array",
+                            "description": "The first 100 rejected events.",
+                            "items": {
+                                "type": "object",
+                                "required": ["index", "reason"],
+                                "properties": {
+                                    "index": {"type": "integer"},
+                                    "reason": {"type": "string"},
+                                },
+                            },
+                        },
+                    },
+                },
+                "Info": {
+                    "type": "object",
+                    "required": ["version", "kinds", "exporters"],
+                    "properties": {
+                        "version": {"type": "string"},
+                        "kinds": {"type": "array", "items": {"type": "string"}},
+                        "exporters": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {"error": {"type": "string"}},
+                },
+            },
+        },
+    }

@@ -1,0 +1,104 @@
+"""Running the relay under uvicorn: ``flagsink serve``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import uvicorn
+
+from flagsink.config import Config, load_config, parse_config
+from flagsink.relay.app import ASGIApp, create_app
+
+__all__ = ["DEFAULT_CONFIG", "app_from_environment", "default_config", "serve"]
+
+CONFIG_ENV = "FLAGSINK_CONFIG"
+DEFAULT_CONFIG: dict[str, Any] = {
+    "exporter": {"kind": "file", "outputDir": "./flagsink-data", "format": "json"},
+    "listen": 1031,
+    "host": "127.0.0.1",
+}
+_LEVELS = {"debug": "DEBUG", "info": "INFO", "warn": "WARNING", "warning": "WARNING"}
+
+
+def default_config() -> Config:
+    """The embedded default: JSON lines files under ./flagsink-data, 127.0.0.1:1031."""
+    return parse_config(DEFAULT_CONFIG, source="<embedded default>")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(config: Config) -> None:
+    """Send flagsink's and uvicorn's logs to stderr in the configured level and format."""
+    service = config.service
+    handler = logging.StreamHandler(sys.stderr)
+    if service.log_format == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS.get(service.log_level, service.log_level.upper()))
+
+
+def app_from_environment() -> ASGIApp:
+    """Application factory for uvicorn workers: reads the config named by FLAGSINK_CONFIG."""
+    path = os.environ.get(CONFIG_ENV)
+    config = load_config(path) if path else default_config()
+    configure_logging(config)
+    return create_app(config)
+
+
+def serve(
+    config: Config | None,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    workers: int = 1,
+) -> None:
+    """Run the relay until SIGTERM/SIGINT, then flush every exporter and return."""
+    if config is None:
+        config = default_config()
+        print(
+            "flagsink: no --config given: using the embedded default (file exporter writing "
+            "JSON lines under ./flagsink-data)",
+            file=sys.stderr,
+        )
+    configure_logging(config)
+    default_host, default_port = config.service.address
+    host = host or default_host
+    port = default_port if port is None else port
+    print(f"flagsink: relay listening on http://{host}:{port}", file=sys.stderr, flush=True)
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_config": None,
+        "access_log": False,
+        "lifespan": "on",
+        "timeout_graceful_shutdown": max(1, int(config.service.shutdown_timeout)),
+        "server_header": False,
+    }
+    if workers > 1:
+        if config.source.startswith("<"):
+            os.environ.pop(CONFIG_ENV, None)
+        else:
+            os.environ[CONFIG_ENV] = os.path.abspath(config.source)
+        uvicorn.run(
+            "flagsink.relay.server:app_from_environment", factory=True, workers=workers, **options
+        )
+        return
+    uvicorn.run(create_app(config), **options)
