@@ -14,11 +14,13 @@ import click
 from flagsink.config import Config, ConfigError, load_config
 from flagsink.pipeline import Pipeline, from_config
 from flagsink.plugins import PluginError, core_version, installed_plugins
+from flagsink.scheduler import DataExporterScheduler
 from flagsink.wire import EventDecodeError, decode_event
 
 __all__ = ["main"]
 
 _SHOWN_ERRORS = 20
+_CHECK_EVERY = 1024  # events between back-pressure checks, at most
 EXIT_LOST = 1
 EXIT_USAGE = 2
 
@@ -191,6 +193,7 @@ def _replay(
         if show
         else _NoBar()
     )
+    room = _wait_for_room(pipeline, timeout)
     with bar:
         for number, line in enumerate(stream, start=1):
             replay.lines = number
@@ -206,17 +209,27 @@ def _replay(
                 continue
             pipeline.add_event(event)
             replay.accepted += 1
-            if replay.accepted % 1024 == 0:
-                _wait_for_room(pipeline, timeout)
+            room -= 1
+            if room < 1:
+                room = _wait_for_room(pipeline, timeout)
     if replay.rejected > _SHOWN_ERRORS:
         click.echo(f"{name}: ... {replay.rejected - _SHOWN_ERRORS} more rejected", err=True)
 
 
-def _wait_for_room(pipeline: Pipeline, timeout: float) -> None:
-    """Back-pressure: a replay never outruns an exporter into dropping events."""
+def _room(scheduler: DataExporterScheduler) -> int:
+    """Events ``scheduler`` can take before its cap drops any (a failed batch comes back)."""
+    stats = scheduler.stats()
+    return scheduler.max_buffered_events - stats.buffered - stats.in_flight
+
+
+def _wait_for_room(pipeline: Pipeline, timeout: float) -> int:
+    """Back-pressure: a replay never outruns an exporter into dropping events.
+
+    :returns: how many events may be added before the next call.
+    """
     for scheduler in pipeline.schedulers:
         deadline = time.monotonic() + timeout
-        while scheduler.stats().buffered >= scheduler.max_events_in_memory:
+        while _room(scheduler) < 1:
             if scheduler.flush(max(deadline - time.monotonic(), 0.0)):
                 break
             if time.monotonic() >= deadline:
@@ -226,6 +239,7 @@ def _wait_for_room(pipeline: Pipeline, timeout: float) -> None:
                     f"(last error: {error}); stopping the replay"
                 )
             time.sleep(min(0.5, max(deadline - time.monotonic(), 0.0)))
+    return min([_CHECK_EVERY, *(_room(scheduler) for scheduler in pipeline.schedulers)])
 
 
 def _size_of(stream: IO[bytes]) -> int | None:

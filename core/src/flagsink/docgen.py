@@ -4,6 +4,7 @@ Markdown files mark where a table goes; everything between the markers is genera
 
     <!-- settings-table: file -->      exporter `file`: kind, its own keys, the common keys
     <!-- settings-table: common -->    the keys common to every exporter section
+    <!-- settings-table: service -->   the top-level keys of the relay service
     <!-- /settings-table -->
 
 ``python -m flagsink.docgen --write FILE...`` regenerates the tables in place;
@@ -26,12 +27,13 @@ from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from flagsink.config import SchedulingSettings
+from flagsink.config import SchedulingSettings, ServiceSettings
 from flagsink.plugins import default_registry
 
 __all__ = ["DocgenError", "exporter_table", "main", "render_markers", "settings_table"]
 
 COMMON = "common"
+SERVICE = "service"
 _MARKER = re.compile(
     r"(?P<open><!-- settings-table: *(?P<kind>[A-Za-z0-9_.-]+) *-->)"
     r"(?P<body>.*?)"
@@ -39,7 +41,7 @@ _MARKER = re.compile(
     re.DOTALL,
 )
 _OPEN = re.compile(r"<!-- settings-table:")
-_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})[^\n]*\n.*?^ {0,3}\1[ \t]*$", re.MULTILINE | re.DOTALL)
+_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})[^\n]*\n.*?^[ \t]*\1[ \t]*$", re.MULTILINE | re.DOTALL)
 _CODE = re.compile(r"(`+)(.+?)\1", re.DOTALL)
 _NAMES = {
     str: "string",
@@ -65,10 +67,12 @@ def settings_table(model: type[BaseModel]) -> str:
 def exporter_table(kind: str) -> str:
     """The table for exporter ``kind``: ``kind``, its own settings, then the common keys.
 
-    Use ``kind="common"`` for the common keys only.
+    Use ``kind="common"`` for the common keys only, ``kind="service"`` for the relay's keys.
     """
     if kind == COMMON:
         return settings_table(SchedulingSettings)
+    if kind == SERVICE:
+        return settings_table(ServiceSettings)
     settings_model = default_registry().exporter(kind).settings_model
     kind_row = f"| `kind` | string | required | Always `{kind}` for this exporter. |"
     common = [row for row in _rows(SchedulingSettings) if not row.startswith("| `kind` ")]
@@ -128,9 +132,9 @@ def _type_text(annotation: Any) -> str:
     origin = get_origin(annotation)
     args = get_args(annotation)
     if origin is Literal:
-        return " or ".join(_code(_value_text(arg)) for arg in args)
+        return _either([_code(_value_text(arg)) for arg in args])
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_text(arg) for arg in args if arg is not type(None))
+        return _either([_type_text(arg) for arg in args if arg is not type(None)])
     if origin in (list, tuple, set, frozenset, Sequence):
         return f"list of {_type_text(args[0])}" if args else "list"
     if origin is dict:
@@ -141,6 +145,10 @@ def _type_text(annotation: Any) -> str:
     if name is not None:
         return name
     return str(getattr(annotation, "__name__", annotation))
+
+
+def _either(choices: list[str]) -> str:
+    return " or ".join([", ".join(choices[:-1]), choices[-1]] if len(choices) > 2 else choices)
 
 
 def _default_text(info: FieldInfo) -> str:
@@ -160,6 +168,8 @@ def _code(text: str) -> str:
 
 
 def _value_text(value: Any) -> str:
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json", by_alias=True)
     if isinstance(value, str):
         return value.replace("\n", "\\n").replace("\t", "\\t") if value else '""'
     return json.dumps(value, default=str)

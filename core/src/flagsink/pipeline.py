@@ -44,12 +44,13 @@ class Pipeline:
         return min((s.free_capacity for s in self.schedulers), default=0)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Flush every exporter; True when all delivered everything."""
+        """Flush every exporter at once; True when all delivered everything."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        tickets = [scheduler.request_flush() for scheduler in self.schedulers]
         ok = True
-        for scheduler in self.schedulers:
+        for scheduler, ticket in zip(self.schedulers, tickets, strict=True):
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            ok = scheduler.flush(left) and ok
+            ok = scheduler.wait_flushed(ticket, left) and ok
         return ok
 
     def close(self, timeout: float = 10.0) -> bool:

@@ -155,13 +155,20 @@ class DataExporterScheduler:
 
         :returns: True when nothing is left buffered or in flight afterwards.
         """
-        if not self._started or self._closed:
-            return not self._buffer
+        return self.wait_flushed(self.request_flush(), timeout)
+
+    def request_flush(self) -> int:
+        """Ask the worker to export everything buffered now; return a ticket to wait on."""
         with self._cond:
             self._flush_requested += 1
-            ticket = self._flush_requested
             self._wake.set()
-            self._cond.wait_for(lambda: self._flush_done >= ticket, timeout)
+            return self._flush_requested
+
+    def wait_flushed(self, ticket: int, timeout: float | None = None) -> bool:
+        """Wait for the flush of ``ticket``; True when nothing is left buffered or in flight."""
+        if self._started and not self._closed:
+            with self._cond:
+                self._cond.wait_for(lambda: self._flush_done >= ticket, timeout)
         return not self._buffer and self._in_flight == 0
 
     def close(self, timeout: float = 10.0) -> bool:
@@ -191,8 +198,11 @@ class DataExporterScheduler:
 
     @property
     def free_capacity(self) -> int:
-        """How many more events fit before the cap makes the oldest drop."""
-        return self.max_buffered_events - len(self._buffer)
+        """How many more events fit before the cap makes the oldest drop.
+
+        Events in the export running now count: if it fails they come back to the buffer.
+        """
+        return self.max_buffered_events - len(self._buffer) - self._in_flight
 
     def begin_close(self, deadline: float) -> bool:
         """Tell the worker to make its final flush by ``deadline`` (``time.monotonic()``

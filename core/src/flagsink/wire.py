@@ -44,6 +44,7 @@ class _EventIn(msgspec.Struct, rename="camel"):
 
 
 _decoder = msgspec.json.Decoder(_EventIn)
+_MAX_DATE = 253_402_300_799  # 9999-12-31T23:59:59Z
 _convert_error = (msgspec.ValidationError, msgspec.DecodeError)
 
 
@@ -66,6 +67,10 @@ def event_from_raw(
         if raw.creation_date is None
         else normalize_creation_date(raw.creation_date)
     )
+    if not 0 <= created <= _MAX_DATE:
+        raise EventDecodeError(
+            "field `creationDate` is out of range: expected Unix seconds or milliseconds"
+        )
     if raw.kind == "tracking":
         return TrackingEvent(
             raw.context_kind or USER,

@@ -75,7 +75,9 @@ class ParquetFormat(Format):
         return rejected
 
 
-_encode = msgspec.json.Encoder().encode
+_encoder = msgspec.json.Encoder()
+_encode = _encoder.encode
+_encode_lines = _encoder.encode_lines
 
 
 def _json_text(value: Any) -> str:
@@ -89,12 +91,22 @@ def _metadata_map(metadata: dict[str, Any] | None) -> list[tuple[str, str]] | No
 
 
 def _encodable(events: Sequence[Event]) -> tuple[list[Event], list[Event]]:
+    # Fast path: a batch of feature events whose values all encode (the usual case) is
+    # checked with one encode call instead of one per event.
+    if all(type(e) is FeatureEvent for e in events):
+        try:
+            _encode_lines([e.value for e in events])  # type: ignore[union-attr]
+            for event in events:
+                if event.metadata:  # type: ignore[union-attr]
+                    _metadata_map(event.metadata)  # type: ignore[union-attr]
+        except _UNENCODABLE:
+            pass
+        else:
+            return list(events), []
     good: list[Event] = []
     rejected: list[Event] = []
     for event in events:
         try:
-            if not _INT64_MIN <= event.creation_date <= _INT64_MAX:
-                raise OverflowError("creationDate does not fit Parquet's int64 column")
             if type(event) is FeatureEvent:
                 _encode(event.value)
                 _metadata_map(event.metadata)
@@ -105,6 +117,14 @@ def _encodable(events: Sequence[Event]) -> tuple[list[Event], list[Event]]:
         else:
             good.append(event)
     return good, rejected
+
+
+def _value_texts(values: list[Any]) -> list[str]:
+    """JSON text of each value (all known to encode), from one encode call: JSON never
+    contains a raw newline, so the lines are the values."""
+    if not values:
+        return []
+    return _encode_lines(values).decode().split("\n")[:-1]
 
 
 def _schema(pa: Any, features: bool, tracking: bool) -> Any:
@@ -133,6 +153,11 @@ def _schema(pa: Any, features: bool, tracking: bool) -> Any:
 
 
 def _columns(events: Sequence[Event], schema: Any) -> dict[str, list[Any]]:
+    names = set(schema.names)
+    if "evaluationContext" not in names:
+        # Only feature events (the schema is built from the batch): plain comprehensions.
+        return _feature_columns(events)  # type: ignore[arg-type]
+
     def feature(get: Callable[[FeatureEvent], Any]) -> list[Any]:
         return [get(e) if type(e) is FeatureEvent else None for e in events]
 
@@ -146,7 +171,6 @@ def _columns(events: Sequence[Event], schema: Any) -> dict[str, list[Any]]:
         "creationDate": [e.creation_date for e in events],
         "key": [e.key for e in events],
     }
-    names = set(schema.names)
     if "variation" in names:
         columns["variation"] = feature(lambda e: e.variation)
         columns["value"] = feature(lambda e: _json_text(e.value))
@@ -154,10 +178,25 @@ def _columns(events: Sequence[Event], schema: Any) -> dict[str, list[Any]]:
         columns["version"] = feature(lambda e: e.version)
         columns["source"] = feature(lambda e: e.source)
         columns["metadata"] = feature(lambda e: _metadata_map(e.metadata))
-    if "evaluationContext" in names:
-        columns["evaluationContext"] = tracking(lambda e: _json_text(e.evaluation_context))
-        columns["trackingEventDetails"] = tracking(lambda e: _json_text(e.tracking_event_details))
+    columns["evaluationContext"] = tracking(lambda e: _json_text(e.evaluation_context))
+    columns["trackingEventDetails"] = tracking(lambda e: _json_text(e.tracking_event_details))
     return columns
+
+
+def _feature_columns(events: Sequence[FeatureEvent]) -> dict[str, list[Any]]:
+    return {
+        "kind": [FeatureEvent.kind] * len(events),
+        "contextKind": [e.context_kind for e in events],
+        "userKey": [e.user_key for e in events],
+        "creationDate": [e.creation_date for e in events],
+        "key": [e.key for e in events],
+        "variation": [e.variation for e in events],
+        "value": _value_texts([e.value for e in events]),
+        "default": [e.default for e in events],
+        "version": [e.version for e in events],
+        "source": [e.source for e in events],
+        "metadata": [_metadata_map(e.metadata) if e.metadata else None for e in events],
+    }
 
 
 @hookimpl

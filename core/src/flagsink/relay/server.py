@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from typing import Any
 
@@ -21,6 +22,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "listen": 1031,
     "host": "127.0.0.1",
 }
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _LEVELS = {"debug": "DEBUG", "info": "INFO", "warn": "WARNING", "warning": "WARNING"}
 
 
@@ -53,6 +55,10 @@ def configure_logging(config: Config) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS.get(service.log_level, service.log_level.upper()))
+
+
+def _absorb_signal(_signum: int, _frame: object) -> None:
+    """Handler for the stop signal uvicorn raises again after shutting down gracefully."""
 
 
 def app_from_environment() -> ASGIApp:
@@ -101,4 +107,12 @@ def serve(
             "flagsink.relay.server:app_from_environment", factory=True, workers=workers, **options
         )
         return
-    uvicorn.run(create_app(config), **options)
+    # uvicorn re-raises the stop signal once its graceful shutdown is done, which would end
+    # the process with "killed by SIGTERM" instead of exit status 0: a no-op handler
+    # while it runs absorbs that re-raise (uvicorn installs its own handlers meanwhile).
+    previous = {sig: signal.signal(sig, _absorb_signal) for sig in _STOP_SIGNALS}
+    try:
+        uvicorn.run(create_app(config), **options)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
