@@ -628,7 +628,7 @@ def test_from_config_reports_unusable_output_dir(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         from_config(config)
     (problem,) = info.value.problems
-    assert problem.startswith("exporters[1].outputDir: cannot create directory")
+    assert problem.startswith(f"{path}:3: exporters[1].outputDir: cannot create directory")
 
 
 def test_from_config_with_invalid_file_raises_config_error(tmp_path: Path) -> None:

@@ -100,7 +100,7 @@ def validate(config: str) -> None:
         try:
             section.build().close()
         except ConfigError as exc:
-            problems.extend(f"{config}: {problem}" for problem in exc.problems)
+            problems.extend(exc.problems)
     if problems:
         for problem in problems:
             click.echo(f"error: {problem}", err=True)
@@ -168,10 +168,15 @@ def export(config_path: str, events: IO[bytes], timeout: float, progress: bool |
     name = "<stdin>" if name in ("-", "<stdin>") else name
     show = sys.stderr.isatty() if progress is None else progress
     replay = _Replay()
+    stopped: click.ClickException | None = None
     try:
         _replay(pipeline, events, name, replay, show=show, timeout=timeout)
+    except click.ClickException as exc:
+        stopped = exc
     finally:
         delivered = pipeline.close(timeout)
+    if stopped is not None:
+        click.echo(f"error: {stopped.message}", err=True)
     stats = pipeline.stats()
     lost = sum(s.dropped for s in stats) + sum(s.buffered + s.in_flight for s in stats)
     exported = ", ".join(f"{s.exporter}: {s.exported} exported" for s in stats)
@@ -180,7 +185,7 @@ def export(config_path: str, events: IO[bytes], timeout: float, progress: bool |
         f"{exported}; {lost} lost",
         err=True,
     )
-    if replay.rejected or lost or not delivered:
+    if stopped is not None or replay.rejected or lost or not delivered:
         sys.exit(EXIT_LOST)
 
 

@@ -179,7 +179,7 @@ class ServiceSettings(BaseModel):
         "info", description="Level of the relay's own logs."
     )
     log_format: Literal["text", "logfmt", "json"] = Field(
-        "text", description="Relay log lines as `text` or `json`."
+        "text", description="Relay log lines as `text` (also `logfmt`) or `json`."
     )
     shutdown_timeout: float = Field(
         10.0, gt=0, description="Seconds allowed to flush every exporter on SIGTERM/SIGINT."
@@ -227,6 +227,7 @@ class ExporterConfig:
     scheduling: SchedulingSettings
     exporter_class: type[Exporter[Any]]
     settings: ExporterSettings
+    place: str = "<config>"
 
     @property
     def label(self) -> str:
@@ -238,7 +239,7 @@ class ExporterConfig:
         try:
             return self.exporter_class(self.settings)
         except SettingsError as exc:
-            raise ConfigError([f"{self.path}.{exc.field}: {exc.message}"]) from None
+            raise ConfigError([f"{self.place}: {self.path}.{exc.field}: {exc.message}"]) from None
 
 
 @dataclass(frozen=True)
@@ -351,9 +352,13 @@ class _Locator:
     lines: Mapping[str, int]
 
     def __call__(self, path: str, message: str) -> str:
-        line = self._line(path)
-        place = f"{self.source}:{line}" if line else self.source
+        place = self.place(path)
         return f"{place}: {path}: {message}" if path else f"{place}: {message}"
+
+    def place(self, path: str) -> str:
+        """``file:line`` of ``path`` (or of its nearest parent with a known line)."""
+        line = self._line(path)
+        return f"{self.source}:{line}" if line else self.source
 
     def _line(self, path: str) -> int | None:
         while True:
@@ -441,7 +446,13 @@ def _exporter_config(
         return None
     if scheduling is None:
         return None
-    return ExporterConfig(path=path, scheduling=scheduling, exporter_class=cls, settings=settings)
+    return ExporterConfig(
+        path=path,
+        scheduling=scheduling,
+        exporter_class=cls,
+        settings=settings,
+        place=where.place(path),
+    )
 
 
 def _suggest(key: str, valid: frozenset[str] | set[str]) -> str:

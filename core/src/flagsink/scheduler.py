@@ -329,9 +329,10 @@ class DataExporterScheduler:
         buffer = self._buffer
         with self._lock:
             count = min(len(buffer), self.max_events_in_memory)
-            batch = [buffer.popleft() for _ in range(count)]
+            # Counted in flight before leaving the buffer: free_capacity, read without the
+            # lock, may then underestimate the room for a moment, but never overestimate it.
             self._in_flight = count
-        return batch
+            return [buffer.popleft() for _ in range(count)]
 
     def _export_batch(self) -> bool:
         batch = self._take_batch()

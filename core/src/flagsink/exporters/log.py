@@ -60,6 +60,12 @@ class LogExporter(Exporter[LogSettings]):
         self.render = compile_event_template(self.settings.log_format, setting="logFormat")
         self.logger = logging.getLogger(self.settings.logger_name)
         self.level = _LEVELS[self.settings.level]
+        # The lines are this exporter's output: make sure they are emitted even when the
+        # application configured logging for WARNING and up only, or not at all.
+        if self.logger.level == logging.NOTSET:
+            self.logger.setLevel(self.level)
+        if not self.logger.hasHandlers():
+            self.logger.addHandler(logging.StreamHandler())
 
     def export(self, events: Sequence[Event]) -> None:
         """Log every event; events whose values cannot be rendered are rejected."""

@@ -94,7 +94,10 @@ def _encodable(events: Sequence[Event]) -> tuple[list[Event], list[Event]]:
     # Fast path: a batch of feature events whose values all encode (the usual case) is
     # checked with one encode call instead of one per event.
     if all(type(e) is FeatureEvent for e in events):
+        dates = [e.creation_date for e in events]
         try:
+            if dates and (min(dates) < _INT64_MIN or max(dates) > _INT64_MAX):
+                raise OverflowError("creationDate does not fit Parquet's int64 column")
             _encode_lines([e.value for e in events])  # type: ignore[union-attr]
             for event in events:
                 if event.metadata:  # type: ignore[union-attr]
@@ -107,6 +110,8 @@ def _encodable(events: Sequence[Event]) -> tuple[list[Event], list[Event]]:
     rejected: list[Event] = []
     for event in events:
         try:
+            if not _INT64_MIN <= event.creation_date <= _INT64_MAX:
+                raise OverflowError("creationDate does not fit Parquet's int64 column")
             if type(event) is FeatureEvent:
                 _encode(event.value)
                 _metadata_map(event.metadata)

@@ -34,6 +34,8 @@ logger = logging.getLogger("flagsink.relay")
 COLLECTOR = "/v1/data/collector"
 OPEN_PATHS = frozenset({"/health", "/info"})
 ROUTES = frozenset({COLLECTOR, "/health", "/info", "/metrics", "/openapi.json"})
+# Metric labels take only known values, so clients cannot grow the registry without bound.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _SHOWN_REJECTIONS = 100
 _encode = msgspec.json.Encoder().encode
 
@@ -202,7 +204,8 @@ class _Guard:
             metrics = self.relay.metrics
             if metrics is not None:
                 route = path if path in ROUTES else "other"
-                metrics.requests.labels(scope["method"], route, str(status)).inc()
+                method = scope["method"] if scope["method"] in METHODS else "other"
+                metrics.requests.labels(method, route, str(status)).inc()
 
     def _allowed(self, scope: Scope) -> bool:
         api_key = authorization = None
