@@ -134,7 +134,12 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
         _fail(f"the relay needs extra packages ({exc.name}): pip install 'flagsink[relay]'")
         raise  # unreachable
     config = _load(config_path) if config_path else None
-    run(config, host=host, port=port, workers=workers)
+    try:
+        run(config, host=host, port=port, workers=workers)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+        sys.exit(EXIT_USAGE)
 
 
 @main.command()

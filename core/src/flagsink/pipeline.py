@@ -6,7 +6,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from flagsink.config import Config, ConfigError, load_config
 from flagsink.event import Event, FeatureEvent, TrackingEvent
@@ -24,6 +24,7 @@ class Pipeline:
 
     def __init__(self, routes: Sequence[tuple[DataExporterScheduler, str]]) -> None:
         self.schedulers = [scheduler for scheduler, _ in routes]
+        self._typed = list(routes)
         by_type: dict[str, list[Callable[[Event], None]]] = {"feature": [], "tracking": []}
         for scheduler, event_type in routes:
             if event_type not in by_type:
@@ -39,9 +40,25 @@ class Pipeline:
         for add in self._routes.get(type(event), ()):
             add(event)
 
-    def free_capacity(self) -> int:
-        """Events every exporter can still take without dropping (the smallest room)."""
-        return min((s.free_capacity for s in self.schedulers), default=0)
+    def check_room(
+        self, events: Sequence[Event]
+    ) -> tuple[Literal["ok", "full", "too_large"], DataExporterScheduler | None]:
+        """Whether every exporter concerned can take ``events`` now without dropping.
+
+        :returns: ``("ok", None)``; ``("full", scheduler)`` when one lacks room right now;
+            ``("too_large", scheduler)`` when the batch exceeds its cap, so it never fits.
+        """
+        tracking = sum(1 for event in events if type(event) is TrackingEvent)
+        counts = {"feature": len(events) - tracking, "tracking": tracking}
+        verdict: tuple[Literal["ok", "full", "too_large"], DataExporterScheduler | None]
+        verdict = ("ok", None)
+        for scheduler, event_type in self._typed:
+            wanted = counts[event_type]
+            if wanted > scheduler.max_buffered_events:
+                return "too_large", scheduler
+            if wanted and wanted > scheduler.free_capacity:
+                verdict = ("full", scheduler)
+        return verdict
 
     def flush(self, timeout: float | None = None) -> bool:
         """Flush every exporter at once; True when all delivered everything."""

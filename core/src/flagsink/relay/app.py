@@ -114,11 +114,19 @@ class _Relay:
             metrics.events_received.inc(total)
             if rejected:
                 metrics.events_rejected.labels("invalid").inc(len(rejected))
-        if events and pipeline.free_capacity() < len(events):
+        verdict, scheduler = pipeline.check_room(events) if events else ("ok", None)
+        if verdict != "ok" and scheduler is not None:
             if metrics is not None:
                 metrics.events_rejected.labels("overloaded").inc(len(events))
+            if verdict == "too_large":
+                return _error(
+                    f"batch of {len(events)} events is larger than exporter "
+                    f"{scheduler.name} can ever buffer (maxBufferedEvents "
+                    f"{scheduler.max_buffered_events}); send smaller batches",
+                    413,
+                )
             return _error(
-                "exporter buffers are full (an exporter is failing or slower than the "
+                f"exporter {scheduler.name} has no room (it is failing or slower than the "
                 "event rate); retry later",
                 503,
                 {"Retry-After": "5"},

@@ -85,10 +85,12 @@ def serve(
             file=sys.stderr,
         )
     configure_logging(config)
+    for section in config.exporters:  # unusable settings fail here, not in a worker
+        section.build().close()
     default_host, default_port = config.service.address
     host = host or default_host
     port = default_port if port is None else port
-    print(f"flagsink: relay listening on http://{host}:{port}", file=sys.stderr, flush=True)
+    print(f"flagsink: starting the relay on http://{host}:{port}", file=sys.stderr, flush=True)
     options: dict[str, Any] = {
         "host": host,
         "port": port,
