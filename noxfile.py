@@ -98,9 +98,10 @@ def all_(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Benchmarks with their peers (not pass/fail): `nox -s bench -- --quick`."""
-    _install(session, "-e", CORE, groups=("bench",))
-    session.run("python", "tests/benchmarks/bench_core.py", *session.posargs)
+    """Benchmarks beside their peers (figures, not pass/fail): `nox -s bench -- --quick`."""
+    _install(session, "-e", CORE, groups=("bench", "test"))
+    for script in sorted(ROOT.glob("tests/benchmarks/bench_*.py")):
+        session.run("python", str(script.relative_to(ROOT)), *session.posargs)
 
 
 @nox.session
