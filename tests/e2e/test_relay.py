@@ -30,7 +30,7 @@ with warnings.catch_warnings():  # starlette prefers httpx2; httpx is what the t
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-from flagsink.config import Config, parse_config
+from flagsink.config import Config, ConfigError, parse_config
 from flagsink.event import Event
 from flagsink.pipeline import Pipeline
 from flagsink.plugins import core_version
@@ -838,3 +838,27 @@ def test_batch_larger_than_an_exporter_can_ever_buffer_gets_413(tmp_path: Path) 
         tracking = [{"kind": "tracking", "key": "t", "userKey": f"u{i}"} for i in range(50)]
         assert post(client, tracking).status_code == 200
     assert scheduler.stats().received == 0
+
+
+@pytest.mark.parametrize(
+    "service",
+    [{"apiKeys": [""]}, {"authorizedKeys": {"evaluation": ["good", "  "]}}],
+)
+def test_an_empty_key_is_a_config_error_not_auth_switched_off(
+    tmp_path: Path, service: dict[str, Any]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        relay_config(tmp_path, **service)
+    assert "is empty" in str(caught.value)
+    assert "good" not in str(caught.value)
+
+
+def test_unknown_routes_and_methods_answer_json(tmp_path: Path) -> None:
+    with running(create_app(relay_config(tmp_path))) as client:
+        missing = client.get("/nope")
+        assert missing.status_code == 404
+        assert missing.json() == {"error": "Not Found"}
+        wrong = client.get(COLLECTOR)
+        assert wrong.status_code == 405
+        assert "error" in wrong.json()
+        assert "POST" in wrong.headers["allow"]

@@ -140,6 +140,16 @@ class SchedulingSettings(BaseModel):
         return self
 
 
+def _no_empty_keys(keys: list[SecretStr]) -> list[SecretStr]:
+    for index, key in enumerate(keys):
+        if not key.get_secret_value().strip():
+            raise ValueError(
+                f"key {index} is empty (an unset variable?): an empty key would switch "
+                "authentication off; remove it or give it a value"
+            )
+    return keys
+
+
 class AuthorizedKeys(BaseModel):
     """API keys as in goff-proxy.yaml's ``authorizedKeys``."""
 
@@ -151,6 +161,8 @@ class AuthorizedKeys(BaseModel):
     admin: list[SecretStr] = Field(
         default_factory=list, description="Keys allowed everything, including admin calls."
     )
+
+    _check_evaluation = field_validator("evaluation", "admin")(_no_empty_keys)
 
 
 class ServiceSettings(BaseModel):
@@ -184,6 +196,8 @@ class ServiceSettings(BaseModel):
     shutdown_timeout: float = Field(
         10.0, gt=0, description="Seconds allowed to flush every exporter on SIGTERM/SIGINT."
     )
+
+    _check_api_keys = field_validator("api_keys")(_no_empty_keys)
 
     @property
     def keys(self) -> list[str]:

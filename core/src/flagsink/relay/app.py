@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -87,12 +88,14 @@ class _Relay:
             timeout = self.config.service.shutdown_timeout
             logger.info("relay stopping: flushing exporters (up to %.0fs)", timeout)
             delivered = await asyncio.to_thread(self._pipeline.close, timeout)
-            stats = self._pipeline.stats()
-            lost = sum(s.dropped for s in stats)
             if delivered:
                 logger.info("relay stopped: every accepted event was delivered")
             else:
-                logger.error("relay stopped with %d events undelivered", lost)
+                stats = self._pipeline.stats()
+                left = sum(
+                    s.dropped_by_reason.get("shutdown", 0) + s.buffered + s.in_flight for s in stats
+                )
+                logger.error("relay stopped with %d events undelivered at shutdown", left)
 
     async def collector(self, request: Request) -> Response:
         try:
@@ -225,6 +228,12 @@ class _Guard:
         return self.checker.allows(api_key, authorization)
 
 
+async def _http_error(_: Request, exc: Exception) -> Response:
+    """404, 405 ... as the same JSON error shape as every other answer."""
+    assert isinstance(exc, HTTPException)
+    return _error(exc.detail, exc.status_code, dict(exc.headers or {}))
+
+
 def create_app(config: Config, *, pipeline: Pipeline | None = None) -> ASGIApp:
     """The relay application for ``config``.
 
@@ -241,5 +250,6 @@ def create_app(config: Config, *, pipeline: Pipeline | None = None) -> ASGIApp:
             Route("/openapi.json", relay.openapi, methods=["GET"]),
         ],
         lifespan=relay.lifespan,
+        exception_handlers={HTTPException: _http_error},
     )
     return _Guard(app, relay, KeyChecker(config.service.keys))
