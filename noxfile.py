@@ -18,9 +18,7 @@ nox.options.sessions = ["lint", "typecheck", "docs", "core", "plugin"]
 
 ROOT = Path(__file__).parent
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
-PLUGINS = sorted(
-    path.name for path in (ROOT / "plugins").iterdir() if (path / "pyproject.toml").is_file()
-)
+PLUGINS = sorted(path.parent.name for path in ROOT.glob("plugins/*/pyproject.toml"))
 CORE = "./core[parquet,testing,relay]"
 
 
