@@ -93,20 +93,50 @@ def normalize_creation_date(value: float) -> int:
     return seconds
 
 
-def _user_of(context: object) -> tuple[str, str]:
+_MISSING: Any = object()
+_is_mapping: dict[type, bool] = {dict: True}
+
+
+def _user_of(context: Any) -> tuple[str, str]:
     """Return ``(user_key, context_kind)`` from a key, a mapping or an OpenFeature context."""
-    if isinstance(context, str):
+    cls = type(context)
+    if cls is str:
         return context, USER
-    if isinstance(context, Mapping):
-        key = context.get("targetingKey", context.get("key", ""))
+    mapping = _is_mapping.get(cls)
+    if mapping is None:  # first context of this type: remember what it is
+        mapping = _is_mapping[cls] = isinstance(context, Mapping)
+    if mapping:
+        key = context.get("targetingKey", _MISSING)
+        if key is _MISSING:
+            key = context.get("key", "")
         anonymous = context.get("anonymous", False)
+    elif isinstance(context, str):
+        return str(context), USER
     else:
         key = getattr(context, "targeting_key", None)
         if key is None:
             key = getattr(context, "key", "")
-        attributes = getattr(context, "attributes", None) or {}
-        anonymous = attributes.get("anonymous", getattr(context, "anonymous", False))
-    return ("" if key is None else str(key)), (ANONYMOUS_USER if anonymous is True else USER)
+        attributes = getattr(context, "attributes", None)
+        anonymous = attributes.get("anonymous", _MISSING) if attributes else _MISSING
+        if anonymous is _MISSING:
+            anonymous = getattr(context, "anonymous", False)
+    if type(key) is not str:
+        key = "" if key is None else str(key)
+    return key, (ANONYMOUS_USER if anonymous is True else USER)
+
+
+_second = 0
+
+
+def _now() -> int:
+    """Unix seconds now, sharing one int object per second between events (saves 32 bytes
+    per buffered event)."""
+    global _second
+    now = int(time.time())
+    if now == _second:
+        return _second
+    _second = now
+    return now
 
 
 def new_feature_event(
@@ -135,7 +165,7 @@ def new_feature_event(
     return FeatureEvent(
         context_kind,
         user_key,
-        int(time.time()) if creation_date is None else normalize_creation_date(creation_date),
+        _now() if creation_date is None else normalize_creation_date(creation_date),
         flag_key,
         variation,
         value,
@@ -167,7 +197,7 @@ def new_tracking_event(
     return TrackingEvent(
         context_kind,
         user_key,
-        int(time.time()) if creation_date is None else normalize_creation_date(creation_date),
+        _now() if creation_date is None else normalize_creation_date(creation_date),
         name,
         dict(evaluation_context),
         dict(details or {}),
