@@ -95,7 +95,7 @@ def test_validate_reports_every_problem_without_traceback(
         "  - kind: file\n"
         "    outputDir: /tmp\n"
         "    flushIntervall: 10\n"
-        "  - kind: s3\n"
+        "  - kind: nosuchsink\n"
         "    bucket: b\n"
     )
     result = runner.invoke(main, ["validate", str(path)])
@@ -104,8 +104,8 @@ def test_validate_reports_every_problem_without_traceback(
         f"{path}:4: exporters[0].flushIntervall: unknown key (did you mean 'flushInterval'?)"
         in (result.output)
     )
-    assert "exporters[1].kind: unknown exporter 's3'" in result.output
-    assert "pip install flagsink-s3" in result.output
+    assert "exporters[1].kind: unknown exporter 'nosuchsink'" in result.output
+    assert "pip install flagsink-nosuchsink" in result.output
     assert "Traceback" not in result.output
 
 

@@ -491,10 +491,14 @@ def test_register_plugin_in_code() -> None:
     assert registry.exporter("in-code") is CodeExporter
 
 
-def test_aliases_resolve_to_installed_gcs_and_azureblob(site: Site) -> None:
+def test_aliases_resolve_to_installed_gcs_and_azureblob(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real plugins may be installed too (the `all` session): keep them out of the way.
+    monkeypatch.setenv("FLAGSINK_DISABLE_PLUGINS", "flagsink-gcs,flagsink-azureblob")
     for canonical, alias, dist in (
-        ("gcs", "googleStorage", "flagsink-gcs"),
-        ("azureblob", "azureBlobStorage", "flagsink-azureblob"),
+        ("gcs", "googleStorage", "acme-gcs"),
+        ("azureblob", "azureBlobStorage", "acme-azureblob"),
     ):
         module = site.unique(canonical)
         site.module(module, EXPORTER_MODULE.format(kind=canonical))
