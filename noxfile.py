@@ -31,6 +31,7 @@ def _constraints(session: nox.Session) -> list[str]:
         "--frozen",
         "--all-packages",
         "--all-groups",
+        "--all-extras",
         "--no-hashes",
         "--no-emit-workspace",
         "--no-header",

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 from typing import Any
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from flagsink.config import Config, load_config, parse_config
 from flagsink.relay.app import ASGIApp, create_app
@@ -55,6 +58,22 @@ def configure_logging(config: Config) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS.get(service.log_level, service.log_level.upper()))
+
+
+class _TcpConfig(uvicorn.Config):
+    """uvicorn's config, binding its shared listening socket with ``IPPROTO_TCP``.
+
+    uvicorn binds the socket it hands to ``--workers`` processes with protocol 0 (Kludex/uvicorn
+    #3149); accepted connections inherit it, asyncio then never sets ``TCP_NODELAY`` on them,
+    and every keep-alive request after the first waits ~40 ms for a delayed ACK.
+    """
+
+    def bind_socket(self) -> socket.socket:
+        sock = super().bind_socket()
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.proto == 0:
+            sock = socket.socket(sock.family, sock.type, socket.IPPROTO_TCP, sock.detach())
+            sock.set_inheritable(True)
+        return sock
 
 
 def _absorb_signal(_signum: int, _frame: object) -> None:
@@ -105,9 +124,14 @@ def serve(
             os.environ.pop(CONFIG_ENV, None)
         else:
             os.environ[CONFIG_ENV] = os.path.abspath(config.source)
-        uvicorn.run(
+        # What uvicorn.run does for workers > 1, with the socket bound by _TcpConfig.
+        multi = _TcpConfig(
             "flagsink.relay.server:app_from_environment", factory=True, workers=workers, **options
         )
+        extra: dict[str, Any] = {}
+        if "target" in inspect.signature(Multiprocess).parameters:  # older uvicorn releases
+            extra["target"] = uvicorn.Server(multi).run
+        Multiprocess(multi, sockets=[multi.bind_socket()], **extra).run()
         return
     # uvicorn re-raises the stop signal once its graceful shutdown is done, which would end
     # the process with "killed by SIGTERM" instead of exit status 0: a no-op handler
