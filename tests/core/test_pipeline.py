@@ -302,3 +302,35 @@ def test_context_manager_closes_on_error(make: Harness) -> None:
         crash()
     assert [e.value for e in f.events] == [0]
     assert f.close_calls == 1
+
+
+def test_add_events_routes_a_batch_like_add_event(make: Harness) -> None:
+    f1, t1 = QueueRecording(), QueueRecording()
+    pipeline = Pipeline([(make(f1, name="f1"), "feature"), (make(t1, name="t1"), "tracking")])
+    batch: list[Event] = [fev(0), tev(0), fev(1), fev(2), tev(1)]
+    pipeline.add_events(batch)
+    assert wait_until(lambda: len(f1.events) == 3 and len(t1.events) == 2)
+    assert f1.events == [batch[0], batch[2], batch[3]]
+    assert t1.events == [batch[1], batch[4]]
+
+
+def test_add_events_without_tracking_exporters_keeps_features_only(make: Harness) -> None:
+    f1 = Recording()
+    scheduler = make(f1, max_events_in_memory=3)
+    pipeline = Pipeline([(scheduler, "feature")])
+    pipeline.add_events([fev(0), tev(0), fev(1), fev(2)])
+    # Three features reach the batch size: the worker flushes without waiting an interval.
+    assert wait_until(lambda: len(f1.events) == 3)
+    assert all(type(e) is FeatureEvent for e in f1.events)
+
+
+def test_scheduler_add_events_respects_the_cap(make: Harness) -> None:
+    blocked = Blocking()
+    scheduler = make(blocked, max_events_in_memory=5, max_buffered_events=10)
+    scheduler.add_events([fev(i) for i in range(5)])
+    assert blocked.entered.wait(5)
+    scheduler.add_events([fev(i) for i in range(100, 125)])
+    stats = scheduler.stats()
+    assert stats.buffered == 10
+    assert stats.dropped_by_reason["overflow"] == 15
+    assert stats.received == 30

@@ -85,9 +85,10 @@ def start_relay(tmp_path: Path) -> Iterator[Callable[..., Relay]]:
     """Start ``flagsink serve``; waits until /health answers."""
     started: list[Relay] = []
 
-    def start(config: str | None, *, cwd: Path | None = None) -> Relay:
+    def start(config: str | None, *, cwd: Path | None = None, workers: int = 1) -> Relay:
         port = free_port()
         command = [sys.executable, "-m", "flagsink.cli", "serve", "--port", str(port)]
+        command += ["--workers", str(workers)]
         if config is not None:
             path = tmp_path / f"relay-{len(started)}.yaml"
             path.write_text(config)
@@ -562,3 +563,22 @@ def test_slow_clients_do_not_block_other_requests(
     assert relay.stop() == 0
     users = [r["userKey"] for r in read_records(tmp_path / "feature")]
     assert users == [f"fast-{i:02d}" for i in range(20)] + ["slow-user"] * 20
+
+
+def test_two_workers_answer_keep_alive_requests_without_delayed_ack_stalls(
+    start_relay: Callable[..., Relay], tmp_path: Path
+) -> None:
+    # uvicorn's shared socket once left TCP_NODELAY off: each keep-alive request then
+    # waited ~40 ms for a delayed ACK. The relay binds it itself, so requests stay fast.
+    relay = start_relay(file_config(tmp_path), workers=2)
+    timings: list[float] = []
+    with httpx.Client(base_url=relay.url, timeout=10) as client:
+        for batch in range(40):
+            events = [feature(f"w-{batch}-{i}") for i in range(10)]
+            started = time.perf_counter()
+            response = client.post(COLLECTOR, content=body(events))
+            timings.append(time.perf_counter() - started)
+            assert response.status_code == 200
+    assert relay.stop() == 0
+    assert sorted(timings)[len(timings) // 2] < 0.030, timings
+    assert len(read_records(tmp_path / "feature")) == 400

@@ -25,6 +25,10 @@ class Pipeline:
     def __init__(self, routes: Sequence[tuple[DataExporterScheduler, str]]) -> None:
         self.schedulers = [scheduler for scheduler, _ in routes]
         self._typed = list(routes)
+        self._batch_routes: dict[str, list[DataExporterScheduler]] = {
+            "feature": [s for s, kind in routes if kind == "feature"],
+            "tracking": [s for s, kind in routes if kind == "tracking"],
+        }
         by_type: dict[str, list[Callable[[Event], None]]] = {"feature": [], "tracking": []}
         for scheduler, event_type in routes:
             if event_type not in by_type:
@@ -59,6 +63,27 @@ class Pipeline:
             if wanted and wanted > scheduler.free_capacity:
                 verdict = ("full", scheduler)
         return verdict
+
+    def add_events(self, events: Sequence[Event]) -> None:
+        """Hand a batch to every exporter of each event's type, in one buffer operation per
+        exporter. Never raises, never blocks."""
+        by_type = self._batch_routes
+        if not by_type["tracking"]:
+            batch: Sequence[Event] = [e for e in events if type(e) is FeatureEvent]
+            for scheduler in by_type["feature"]:
+                scheduler.add_events(batch)
+            return
+        features: list[Event] = []
+        tracking: list[Event] = []
+        for event in events:
+            if type(event) is FeatureEvent:
+                features.append(event)
+            elif type(event) is TrackingEvent:
+                tracking.append(event)
+        for scheduler in by_type["feature"]:
+            scheduler.add_events(features)
+        for scheduler in by_type["tracking"]:
+            scheduler.add_events(tracking)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Flush every exporter at once; True when all delivered everything."""

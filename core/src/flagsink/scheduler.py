@@ -132,6 +132,13 @@ class DataExporterScheduler:
         if len(buffer) >= self._check_at:
             self._on_threshold()
 
+    def add_events(self, events: Sequence[Event]) -> None:
+        """Queue a batch of events: one buffer operation for all. Never raises or blocks."""
+        buffer = self._buffer
+        buffer.extend(events)
+        if len(buffer) >= self._check_at:
+            self._on_threshold()
+
     def _on_threshold(self) -> None:
         # Slow path, taken once per worker cycle (or per event while over the cap).
         overflow = len(self._buffer) - self.max_buffered_events

@@ -134,9 +134,7 @@ class _Relay:
                 503,
                 {"Retry-After": "5"},
             )
-        add = pipeline.add_event
-        for event in events:
-            add(event)
+        pipeline.add_events(events)
         if metrics is not None:
             metrics.events_accepted.inc(len(events))
         return _json(
