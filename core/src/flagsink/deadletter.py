@@ -1,0 +1,65 @@
+"""Dead letters: events a sink refused for good, kept in a JSON lines file with the reason.
+
+Each line is ``{"time": <unix seconds>, "exporter": ..., "reason": ..., "event": {...}}``,
+so the events can be inspected and sent again once the cause is fixed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgspec
+
+from flagsink.event import Event
+
+__all__ = ["DeadLetterFile"]
+
+
+class _Letter(msgspec.Struct):
+    time: float
+    exporter: str
+    reason: str
+    event: Event
+
+
+class DeadLetterFile:
+    """Appends dead letters to ``path`` (created with its directory), synced to disk."""
+
+    def __init__(self, path: str | os.PathLike[str], exporter: str) -> None:
+        self.path = Path(path).expanduser()
+        self.exporter = exporter
+        self._lock = threading.Lock()
+        self._encode = msgspec.json.Encoder().encode_lines
+
+    def write(self, events: Sequence[Event], reason: str) -> int:
+        """Append ``events`` with ``reason``; return how many were written."""
+        now = time.time()
+        letters = [_Letter(now, self.exporter, reason, event) for event in events]
+        try:
+            data = self._encode(letters)
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+            data = self._encode(
+                [_Letter(now, self.exporter, reason, e) for e in _encodable(events)]
+            )
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "ab") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        return data.count(b"\n")
+
+
+def _encodable(events: Sequence[Event]) -> list[Event]:
+    good = []
+    for event in events:
+        try:
+            msgspec.json.encode(event)
+        except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
+            continue
+        good.append(event)
+    return good
