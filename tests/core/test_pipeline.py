@@ -12,21 +12,13 @@ from flagsink.event import Event, FeatureEvent, TrackingEvent, new_tracking_even
 from flagsink.exporter import Exporter, ExportError, ExporterSettings
 from flagsink.pipeline import Pipeline
 from flagsink.scheduler import DataExporterScheduler
+from flagsink.testing import wait_until as flagsink_wait_until
 
 LONG = 60.0
 
 
-def wait_until(
-    predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.002
-) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; return its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return bool(predicate())
-        time.sleep(interval)
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    return flagsink_wait_until(predicate, timeout, 0.002)
 
 
 def fev(i: int) -> FeatureEvent:

@@ -29,6 +29,7 @@ from flagsink.exporter import (
     PermanentExportError,
 )
 from flagsink.scheduler import DataExporterScheduler, SchedulerStats
+from flagsink.testing import wait_until as flagsink_wait_until
 
 LONG = 60.0  # a flush interval no test ever reaches
 
@@ -36,17 +37,8 @@ LONG = 60.0  # a flush interval no test ever reaches
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def wait_until(
-    predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.002
-) -> bool:
-    """Poll ``predicate`` until it is true or ``timeout`` seconds pass; return its last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return bool(predicate())
-        time.sleep(interval)
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    return flagsink_wait_until(predicate, timeout, 0.002)
 
 
 def ev(i: int, key: str = "flag") -> FeatureEvent:
