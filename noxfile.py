@@ -65,9 +65,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on core."""
-    _install(session, "-e", CORE, groups=("lint",))
-    session.run("mypy", "core/src")
+    """mypy --strict on core and on every plugin's source."""
+    _install(session, "-e", CORE, *_plugin_args(), groups=("lint",))
+    session.run("mypy", "core/src", *[f"plugins/{name}/src" for name in PLUGINS])
 
 
 @nox.session
@@ -90,15 +90,14 @@ def plugin(session: nox.Session, name: str) -> None:
 @nox.session(name="all")
 def all_(session: nox.Session) -> None:
     """Every test with core and every plugin installed together."""
-    plugins = [arg for name in PLUGINS for arg in ("-e", f"./plugins/{name}")]
-    _install(session, "-e", CORE, *plugins, groups=("test",))
+    _install(session, "-e", CORE, *_plugin_args(), groups=("test",))
     _pytest(session, "tests")
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks beside their peers (figures, not pass/fail): `nox -s bench -- --quick`."""
-    _install(session, "-e", CORE, groups=("bench", "test"))
+    _install(session, "-e", CORE, *_plugin_args(), groups=("bench", "test"))
     for script in sorted(ROOT.glob("tests/benchmarks/bench_*.py")):
         session.run("python", str(script.relative_to(ROOT)), *session.posargs)
 
@@ -106,9 +105,13 @@ def bench(session: nox.Session) -> None:
 @nox.session
 def docs(session: nox.Session) -> None:
     """Settings tables in sync with the models, then a strict mkdocs build."""
-    _install(session, "-e", CORE, groups=("docs",))
+    _install(session, "-e", CORE, *_plugin_args(), groups=("docs",))
     session.run("python", "-m", "flagsink.docgen", "--check", *_markdown_files())
     session.run("mkdocs", "build", "--strict", "-f", "docs/mkdocs.yml", "-d", session.create_tmp())
+
+
+def _plugin_args() -> list[str]:
+    return [arg for name in PLUGINS for arg in ("-e", f"./plugins/{name}")]
 
 
 def _markdown_files() -> list[str]:

@@ -46,8 +46,13 @@ def test_settings_tables_in_docs_and_readmes_are_current() -> None:
     files = _markdown_files()
     assert PAGES / "configuration.md" in files
     stale = []
+    # Pages of plugins not installed here are checked where they are (`nox -s docs`, `all`).
+    known = {p.name for p in installed_plugins()} | {"common", "service"}
     for path in files:
         text = path.read_text(encoding="utf-8")
+        named = set(re.findall(r"<!-- settings-table: (\S+) -->", text))
+        if not named <= known:
+            continue
         if docgen.render_markers(text, source=str(path)) != text:
             stale.append(str(path.relative_to(ROOT)))
     assert not stale, f"stale settings tables; run: python -m flagsink.docgen --write {stale}"
