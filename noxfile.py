@@ -83,7 +83,7 @@ def plugin(session: nox.Session, name: str) -> None:
     """One plugin's tests with only core and that plugin installed (proves isolation)."""
     if name == "(none)":
         session.skip("no plugins under plugins/ yet")
-    _install(session, "-e", CORE, "-e", f"./plugins/{name}", groups=("test",))
+    _install(session, "-e", CORE, "-e", _plugin(name), groups=("test",))
     _pytest(session, f"tests/plugins/{name}")
 
 
@@ -110,8 +110,15 @@ def docs(session: nox.Session) -> None:
     session.run("mkdocs", "build", "--strict", "-f", "docs/mkdocs.yml", "-d", session.create_tmp())
 
 
+def _plugin(name: str) -> str:
+    """``./plugins/<name>`` with every optional extra it declares."""
+    project = nox.project.load_toml(ROOT / "plugins" / name / "pyproject.toml")["project"]
+    extras = ",".join(sorted(project.get("optional-dependencies", {})))
+    return f"./plugins/{name}[{extras}]" if extras else f"./plugins/{name}"
+
+
 def _plugin_args() -> list[str]:
-    return [arg for name in PLUGINS for arg in ("-e", f"./plugins/{name}")]
+    return [arg for name in PLUGINS for arg in ("-e", _plugin(name))]
 
 
 def _markdown_files() -> list[str]:

@@ -403,6 +403,32 @@ def test_add_event_does_not_cut_backoff_short(make: Harness) -> None:
     assert exporter.values == list(range(20))  # the retried event still goes first
 
 
+class Throttled(ExportError):
+    """A sink's "come back later" with the delay it asked for (e.g. HTTP Retry-After)."""
+
+    def __init__(self, retry_after: object) -> None:
+        super().__init__("throttled")
+        self.retry_after = retry_after
+
+
+def test_retry_after_on_the_error_delays_the_retry_up_to_retry_max(make: Harness) -> None:
+    exporter = Scripted(
+        lambda b: Throttled(0.3), lambda b: Throttled(5.0), lambda b: Throttled("soon")
+    )
+    scheduler = make(exporter, max_events_in_memory=1, retry_initial=0.01, retry_max=0.5)
+    scheduler.add_event(ev(0))
+    assert wait_until(lambda: exporter.count == 1)
+    times = [t for t, _ in exporter.attempts]
+    assert len(times) == 4
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert gaps[0] >= 0.3 - 0.002, gaps  # honoured: the backoff alone is < 0.01 s
+    assert 0.5 - 0.002 <= gaps[1] < 0.5 + 0.25, gaps  # 5 s asked, capped by retry_max
+    assert gaps[2] < 0.25, gaps  # not a number: ignored, plain backoff (< 0.04 s)
+    stats = scheduler.stats()
+    assert (stats.exported, stats.failed_attempts, stats.dropped) == (1, 3, 0)
+    check_accounting(stats, 1)
+
+
 def test_partial_failure_retries_only_failed_and_drops_rejected(make: Harness) -> None:
     def partial(batch: list[Event]) -> BaseException:
         return PartialExportError("2 throttled, 1 invalid", failed=batch[1:3], rejected=batch[3:4])

@@ -49,7 +49,15 @@ class SettingsError(ValueError):
 
 
 class ExportError(Exception):
-    """The export failed; every event of the batch is kept and retried with backoff."""
+    """The export failed; every event of the batch is kept and retried with backoff.
+
+    :param retry_after: seconds the sink asked to wait (e.g. HTTP ``Retry-After``); the
+        retry comes no sooner, but never later than the scheduler's ``retry_max``.
+    """
+
+    def __init__(self, *args: object, retry_after: float | None = None) -> None:
+        super().__init__(*args)
+        self.retry_after = retry_after
 
 
 class PermanentExportError(ExportError):
@@ -71,8 +79,9 @@ class PartialExportError(ExportError):
         *,
         failed: Sequence[Event] = (),
         rejected: Sequence[Event] = (),
+        retry_after: float | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, retry_after=retry_after)
         self.failed = list(failed)
         self.rejected = list(rejected)
 

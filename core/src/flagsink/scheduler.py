@@ -64,6 +64,14 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _retry_after(error: BaseException) -> float | None:
+    """The optional ``retry_after`` (seconds) an exporter's error carries, if usable."""
+    value = getattr(error, "retry_after", None)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if 0 <= value < float("inf") else None
+
+
 class DataExporterScheduler:
     """Feeds one exporter from a bounded in-memory buffer.
 
@@ -74,6 +82,8 @@ class DataExporterScheduler:
     :param max_buffered_events: hard cap on waiting events (default 5x
         ``max_events_in_memory``). Past it the oldest events are dropped and counted.
     :param retry_initial: first retry delay in seconds; doubles per failure, with jitter.
+        An error with a ``retry_after`` attribute (seconds) delays the retry at least that
+        long, up to ``retry_max``.
     :param retry_max: longest retry delay in seconds.
     :param name: label for logs and stats (default: the exporter's kind).
     """
@@ -398,6 +408,11 @@ class DataExporterScheduler:
         if retry:
             delay = min(self.retry_max, self.retry_initial * 2.0**self._attempt)
             delay *= 0.5 + random.random() / 2  # equal jitter: [delay/2, delay)
+            retry_after = _retry_after(error)
+            if retry_after is not None:
+                # The sink said when to come back (e.g. HTTP Retry-After): not sooner, but
+                # never later than retry_max.
+                delay = min(self.retry_max, max(delay, retry_after))
             self._attempt += 1
             self._retry_at = time.monotonic() + delay
             logger.warning(
