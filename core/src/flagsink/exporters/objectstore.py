@@ -24,7 +24,7 @@ from flagsink.template import Template
 
 __all__ = ["ObjectExistsError", "ObjectStoreExporter", "ObjectStoreSettings"]
 
-SPOOL_BYTES = 8 * 1024 * 1024
+SPOOL_BYTES = 4 * 1024 * 1024
 _MAX_NAME_ATTEMPTS = 1_000
 
 

@@ -1,0 +1,59 @@
+"""Fixtures of the s3 plugin's tests: fake AWS credentials and a moto S3 server.
+
+The helpers live in s3_moto_server.py (a unique module name: several plugin test folders
+have a conftest.py, so `from conftest import ...` would be ambiguous).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import flagsink_s3.exporter
+import pytest
+from s3_moto_server import ACCESS_KEY, MIN_PART_SIZE, SECRET_KEY, MotoServer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def aws_environment() -> Iterator[None]:
+    """Fake credentials for boto3's default chain; nothing read from the user's
+    ~/.aws, and no instance-metadata lookups leaving this machine. Module-scoped, so the
+    environment is restored before other folders' tests run."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if name.startswith("AWS_"):
+                patch.delenv(name)
+        patch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        patch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        patch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        patch.setenv("AWS_CONFIG_FILE", os.devnull)
+        patch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+        yield
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    try:
+        server.start()
+    except (RuntimeError, OSError) as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"cannot start the moto S3 server: {exc}")
+        pytest.skip(f"cannot start the moto S3 server: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server: MotoServer) -> str:
+    return s3_server.new_bucket()
+
+
+@pytest.fixture(autouse=True)
+def small_parts_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test server takes 64 KiB parts (real S3: 5 MiB), so a few MiB make a
+    multipart upload; let the exporter use such parts too."""
+    monkeypatch.setattr(flagsink_s3.exporter, "MIN_PART_SIZE", MIN_PART_SIZE)
