@@ -76,7 +76,7 @@ def exporter_table(kind: str) -> str:
     settings_model = default_registry().exporter(kind).settings_model
     kind_row = f"| `kind` | string | required | Always `{kind}` for this exporter. |"
     common = [row for row in _rows(SchedulingSettings) if not row.startswith("| `kind` ")]
-    return "\n".join([_HEADER, kind_row, *_rows(settings_model), *common])
+    return "\n".join([_HEADER, kind_row, *_rows(settings_model, nested=True), *common])
 
 
 def render_markers(text: str, *, source: str = "<text>") -> str:
@@ -114,12 +114,20 @@ def _render_prose(text: str, source: str) -> str:
     return _MARKER.sub(replace, text)
 
 
-def _rows(model: type[BaseModel]) -> list[str]:
-    return [_row(name, info) for name, info in model.model_fields.items()]
+def _rows(model: type[BaseModel], *, nested: bool = False, prefix: str = "") -> list[str]:
+    """One row per field; with ``nested``, a field that is itself a settings model (such as
+    kafka's ``kafka:`` mapping) is followed by rows for its keys, as ``kafka.topic``."""
+    rows = []
+    for name, info in model.model_fields.items():
+        rows.append(_row(name, info, prefix))
+        sub = info.annotation
+        if nested and isinstance(sub, type) and issubclass(sub, BaseModel):
+            rows.extend(_rows(sub, nested=True, prefix=f"{prefix}{info.alias or name}."))
+    return rows
 
 
-def _row(name: str, info: FieldInfo) -> str:
-    key = info.alias or name
+def _row(name: str, info: FieldInfo, prefix: str = "") -> str:
+    key = prefix + (info.alias or name)
     default = "required" if info.is_required() else _default_text(info)
     description = (info.description or "").replace("\n", " ").strip()
     cells = [f"`{key}`", _type_text(info.annotation), default, description]
