@@ -151,11 +151,11 @@ class DataExporterScheduler:
 
     def _on_threshold(self) -> None:
         # Slow path, taken once per worker cycle (or per event while over the cap).
-        overflow = len(self._buffer) - self.max_buffered_events
-        if overflow > 0:
-            self._drop_oldest(overflow, "overflow")
+        if len(self._buffer) > self.max_buffered_events:
+            self._enforce_cap()
         self._check_at = self.max_buffered_events + 1
-        self._wake.set()
+        if not self._wake.is_set():
+            self._wake.set()
 
     # -- control --------------------------------------------------------------------------
 
@@ -240,6 +240,8 @@ class DataExporterScheduler:
             buffered = len(self._buffer)
             in_flight = self._in_flight
             dropped = dict(self._dropped)
+            if self._overflow:
+                dropped["overflow"] = self._overflow
             exported = self._exported
         total_dropped = sum(dropped.values())
         return SchedulerStats(
@@ -270,6 +272,7 @@ class DataExporterScheduler:
         self._failed_attempts = 0
         self._retried = 0
         self._dropped: Counter[str] = Counter()
+        self._overflow = 0  # dropped past the cap; apart from the Counter for a fast path
         self._dropped_logged = 0
         self._last_drop_warning = 0.0
         self._last_error: str | None = None
@@ -383,7 +386,7 @@ class DataExporterScheduler:
                 # The cap holds at once: past it, the retried (oldest) events go first.
                 for _ in range(len(self._buffer) - self.max_buffered_events):
                     self._buffer.popleft()
-                    self._dropped["overflow"] += 1
+                    self._overflow += 1
             self._in_flight = 0
         if not retry:
             self._attempt = 0
@@ -426,9 +429,18 @@ class DataExporterScheduler:
             )
 
     def _enforce_cap(self) -> None:
-        overflow = len(self._buffer) - self.max_buffered_events
-        if overflow > 0:
-            self._drop_oldest(overflow, "overflow")
+        """Drop the oldest events past the cap (counted as ``overflow``)."""
+        buffer = self._buffer
+        cap = self.max_buffered_events
+        if len(buffer) <= cap:
+            return
+        with self._lock:
+            while len(buffer) > cap:
+                try:
+                    buffer.popleft()
+                except IndexError:  # pragma: no cover - the worker emptied it meanwhile
+                    break
+                self._overflow += 1
 
     def _drop_oldest(self, count: int, reason: str) -> None:
         buffer = self._buffer
@@ -443,7 +455,7 @@ class DataExporterScheduler:
             self._dropped[reason] += dropped
 
     def _warn_drops(self, now: float) -> None:
-        total = self._dropped["overflow"]
+        total = self._overflow
         new = total - self._dropped_logged
         if new and now - self._last_drop_warning >= _DROP_WARNING_INTERVAL:
             self._dropped_logged = total
