@@ -47,7 +47,8 @@ def test_settings_tables_in_docs_and_readmes_are_current() -> None:
     assert PAGES / "configuration.md" in files
     stale = []
     # Pages of plugins not installed here are checked where they are (`nox -s docs`, `all`).
-    known = {p.name for p in installed_plugins()} | {"common", "service"}
+    names = {p.name for p in installed_plugins()}
+    known = names | {f"store:{name}" for name in names} | {"common", "service"}
     for path in files:
         text = path.read_text(encoding="utf-8")
         named = set(re.findall(r"<!-- settings-table: (\S+) -->", text))
@@ -73,7 +74,7 @@ def test_reference_pages_hold_their_generated_table(page: str, kind: str) -> Non
 
 def _exporter_kinds() -> list[str]:
     kinds = {"file", "log"}
-    kinds |= {p.name for p in installed_plugins() if p.mode and not p.disabled}
+    kinds |= {p.name for p in installed_plugins() if p.mode in ("bulk", "queue") and not p.disabled}
     return sorted(kinds)
 
 
@@ -342,3 +343,22 @@ def test_mkdocs_strict_build(tmp_path: Path) -> None:
         assert (tmp_path / "site" / page).is_file()
     reference = (tmp_path / "site" / "exporters" / "file" / "index.html").read_text()
     assert "<td><code>outputDir</code></td>" in reference
+
+
+def test_store_marker_renders_the_store_settings() -> None:
+    table = docgen.exporter_table("store:file")
+    assert table == docgen.store_table("file")
+    lines = table.splitlines()
+    assert lines[2] == "| `kind` | string | required | Always `file` for this store. |"
+    keys = [line.split("|")[1].strip() for line in lines[2:]]
+    assert keys == ["`kind`", "`path`", "`pollInterval`", "`cacheTTL`"]
+    text = "x\n<!-- settings-table: store:file -->\nold\n<!-- /settings-table -->\n"
+    rendered = docgen.render_markers(text)
+    assert f"<!-- settings-table: store:file -->\n\n{table}\n\n<!-- /settings-table -->" in rendered
+    with pytest.raises(docgen.DocgenError, match="store:nope"):
+        docgen.render_markers("<!-- settings-table: store:nope -->\n<!-- /settings-table -->")
+
+
+def test_every_store_setting_has_a_description() -> None:
+    model = default_registry().store("file").settings_model
+    assert [name for name, info in model.model_fields.items() if not info.description] == []

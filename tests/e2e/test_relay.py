@@ -763,11 +763,18 @@ def test_the_openapi_document_is_valid(tmp_path: Path, secured: bool) -> None:
     assert errors == []
     assert not OPENAPI_31_VALIDATOR.is_valid({**document, "info": {}})  # the check bites
     assert document["info"]["version"] == core_version()
-    assert set(document["paths"]) == {COLLECTOR, "/health", "/info", "/metrics"}
+    assert set(document["paths"]) == {
+        COLLECTOR,
+        "/v1/flag/configuration",
+        "/health",
+        "/info",
+        "/metrics",
+    }
     schema = schemathesis.openapi.from_dict(document)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.label for op in operations} == {
         f"POST {COLLECTOR}",
+        "POST /v1/flag/configuration",
         "GET /health",
         "GET /info",
         "GET /metrics",

@@ -1,4 +1,5 @@
-"""The ``flagsink`` command: list plugins, validate a config, replay events through it."""
+"""The ``flagsink`` command: list plugins, validate a config, replay events through it,
+manage the flag store."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from typing import IO, Any
 
 import click
 
-from flagsink.config import Config, ConfigError, load_config
+from flagsink.config import Config, ConfigError, StoreConfig, load_config
+from flagsink.flags import FlagFileError, flag_item, load_flag_file, next_version, tracks_events
 from flagsink.pipeline import Pipeline, from_config
 from flagsink.plugins import PluginError, core_version, installed_plugins
 from flagsink.scheduler import DataExporterScheduler
+from flagsink.store import FLAGS, StoreError
+from flagsink.store_cache import CachedStore
 from flagsink.wire import EventDecodeError, decode_event
 
 __all__ = ["main"]
@@ -101,6 +105,11 @@ def validate(config: str) -> None:
             section.build().close()
         except ConfigError as exc:
             problems.extend(exc.problems)
+    if loaded.store is not None:
+        try:
+            loaded.store.build_backend().close()
+        except ConfigError as exc:
+            problems.extend(exc.problems)
     if problems:
         for problem in problems:
             click.echo(f"error: {problem}", err=True)
@@ -109,6 +118,8 @@ def validate(config: str) -> None:
     for section in loaded.exporters:
         mode = "bulk" if section.exporter_class.bulk else "queue"
         click.echo(f"  {section.path}: {section.label} ({mode}, {section.scheduling.event_type})")
+    if loaded.store is not None:
+        click.echo(f"  store: {loaded.store.kind} (cacheTTL {loaded.store.cache_ttl:g}s)")
 
 
 @dataclass
@@ -277,3 +288,149 @@ class _NoBar:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+# -- flag store ----------------------------------------------------------------------------
+
+
+def _store_config(config_path: str) -> StoreConfig:
+    loaded = _load(config_path)
+    if loaded.store is None:
+        _fail(f"{config_path}: no `store:` section; add one, e.g. `store: {{kind: dynamodb, ...}}`")
+    assert loaded.store is not None
+    return loaded.store
+
+
+def _open_store(config_path: str) -> CachedStore:
+    section = _store_config(config_path)
+    try:
+        return CachedStore(section.build_backend(), ttl=0)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+@main.group()
+def flags() -> None:
+    """Read and write the flags of the configured store."""
+
+
+@flags.command("push")
+@click.argument("flag_file", type=click.Path(dir_okay=False, exists=True))
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Replace everything (init): flags not in FLAG_FILE are removed. Default: upsert "
+    "each flag, leaving other flags alone.",
+)
+def push(flag_file: str, config_path: str, replace: bool) -> None:
+    """Load FLAG_FILE (GO Feature Flag YAML, JSON or TOML) into the configured store.
+
+    Each flag is upserted with a new version when its content changed (its own numeric
+    `version` if it has one, else the stored version + 1); unchanged flags are skipped.
+    """
+    try:
+        definitions = load_flag_file(flag_file)
+    except FlagFileError as exc:
+        _fail(str(exc))
+    store = _open_store(config_path)
+    try:
+        current = store.all(FLAGS)
+        raw = store.backend.all_items(FLAGS)  # tombstones included, for their versions
+        written = skipped = stale = 0
+        items = {}
+        for key, definition in definitions.items():
+            previous = raw.get(key) or current.get(key)
+            version = next_version(definition, previous)
+            if version is None:
+                skipped += 1
+                items[key] = previous
+                continue
+            item = flag_item(key, definition, version)
+            items[key] = item
+            if replace or store.upsert(FLAGS, item):
+                written += 1
+            else:
+                stale += 1
+                click.echo(
+                    f"  {key}: not written, the store holds version "
+                    f"{store.backend.get_item(FLAGS, key)['version']}"  # type: ignore[index]
+                    f" >= {version} (raise the flag's `version`)",
+                    err=True,
+                )
+        if replace:
+            store.init({FLAGS: {k: v for k, v in items.items() if v is not None}})
+            removed = len(set(current) - set(definitions))
+            click.echo(
+                f"{flag_file}: replaced the store's flags: {len(definitions)} flag(s), "
+                f"{written} changed, {skipped} unchanged, {removed} removed"
+            )
+        else:
+            click.echo(
+                f"{flag_file}: {written} flag(s) written, {skipped} unchanged, "
+                f"{stale} not written (older version)"
+            )
+    except StoreError as exc:
+        _fail(str(exc))
+    finally:
+        store.close()
+    if stale:
+        sys.exit(EXIT_LOST)
+
+
+@flags.command("list")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_flags(config_path: str, as_json: bool) -> None:
+    """List the flags in the configured store: key, version, trackEvents."""
+    store = _open_store(config_path)
+    try:
+        items = store.all(FLAGS)
+    except StoreError as exc:
+        _fail(str(exc))
+    finally:
+        store.close()
+    rows = [
+        {"key": key, "version": item.get("version"), "trackEvents": tracks_events(item)}
+        for key, item in sorted(items.items())
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max([len("KEY"), *(len(str(row["key"])) for row in rows)])
+    click.echo(f"{'KEY':<{width}}  VERSION  TRACKEVENTS")
+    for row in rows:
+        track = "true" if row["trackEvents"] else "false"
+        click.echo(f"{row['key']:<{width}}  {row['version']!s:<7}  {track}")
+
+
+@main.group()
+def store() -> None:
+    """Manage the configured flag store."""
+
+
+@store.command("init")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+def store_init(config_path: str) -> None:
+    """Create what the store needs (e.g. the DynamoDB table), if the store can."""
+    section = _store_config(config_path)
+    create = getattr(section.store_class, "create", None)
+    if create is None:
+        click.echo(f"store {section.kind}: nothing to create")
+        return
+    try:
+        backend = section.build_backend()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            click.echo(f"error: {problem}", err=True)
+        sys.exit(EXIT_USAGE)
+    try:
+        result = backend.create()  # type: ignore[attr-defined]
+    except StoreError as exc:
+        _fail(str(exc))
+    finally:
+        backend.close()
+    detail = f": {result}" if isinstance(result, str) and result else ""
+    click.echo(f"store {section.kind}: created{detail}")

@@ -33,12 +33,15 @@ from pydantic.alias_generators import to_camel
 
 from flagsink.exporter import Exporter, ExporterSettings, SettingsError
 from flagsink.plugins import PluginError, Registry, default_registry
+from flagsink.store import StoreBackend, StoreError, StoreSettings
+from flagsink.store_cache import CachedStore
 
 __all__ = [
     "Config",
     "ConfigError",
     "ExporterConfig",
     "SchedulingSettings",
+    "StoreConfig",
     "load_config",
     "parse_config",
 ]
@@ -58,6 +61,7 @@ FLAGSINK_KEYS = frozenset(
         "logLevel",
         "logFormat",
         "store",
+        "evaluationContextEnrichment",
         "spool",
         "shutdownTimeout",
     }
@@ -78,7 +82,6 @@ GOFF_IGNORED_KEYS = frozenset(
         "debug",
         "hideBanner",
         "enableSwagger",
-        "evaluationContextEnrichment",
         "persistentFlagConfigurationFile",
         "openTelemetryOtlpEndpoint",
         "otel",
@@ -256,6 +259,31 @@ class ExporterConfig:
             raise ConfigError([f"{self.place}: {self.path}.{exc.field}: {exc.message}"]) from None
 
 
+STORE_COMMON_KEYS = frozenset({"kind", "cacheTTL"})
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """The validated ``store:`` section: which store, its settings, and the cache TTL."""
+
+    kind: str
+    store_class: type[StoreBackend[Any]]
+    settings: StoreSettings
+    cache_ttl: float = 15.0
+    place: str = "<config>"
+
+    def build_backend(self) -> StoreBackend[Any]:
+        """Instantiate the store backend (may raise :class:`ConfigError`)."""
+        try:
+            return self.store_class(self.settings)
+        except (StoreError, SettingsError) as exc:
+            raise ConfigError([f"{self.place}: store: {exc}"]) from None
+
+    def build(self) -> CachedStore:
+        """A :class:`~flagsink.store_cache.CachedStore` over a new backend."""
+        return CachedStore(self.build_backend(), ttl=self.cache_ttl)
+
+
 @dataclass(frozen=True)
 class Config:
     """A validated configuration file."""
@@ -264,6 +292,13 @@ class Config:
     exporters: list[ExporterConfig]
     raw: dict[str, Any] = field(repr=False)
     service: ServiceSettings = field(default_factory=lambda: ServiceSettings.model_validate({}))
+    store: StoreConfig | None = None
+
+    @property
+    def evaluation_context_enrichment(self) -> dict[str, Any]:
+        """``evaluationContextEnrichment``: sent to providers with the flag configuration."""
+        value = self.raw.get("evaluationContextEnrichment")
+        return dict(value) if isinstance(value, dict) else {}
 
 
 def load_config(path: str | os.PathLike[str], registry: Registry | None = None) -> Config:
@@ -315,9 +350,13 @@ def parse_config(
         )
     except ValidationError as exc:
         problems.extend(_validation_problems(exc, "", where, SERVICE_KEYS))
+    store = _store_config(data.get("store"), registry, where, problems)
+    enrichment = data.get("evaluationContextEnrichment")
+    if enrichment is not None and not isinstance(enrichment, dict):
+        problems.append(where("evaluationContextEnrichment", "expected a mapping"))
     if problems:
         raise ConfigError(problems)
-    return Config(source=source, exporters=exporters, raw=data, service=service)
+    return Config(source=source, exporters=exporters, raw=data, service=service, store=store)
 
 
 # -- parsing ---------------------------------------------------------------------------------
@@ -466,6 +505,48 @@ def _exporter_config(
         exporter_class=cls,
         settings=settings,
         place=where.place(path),
+    )
+
+
+def _store_config(
+    section: Any, registry: Registry, where: _Locator, problems: list[str]
+) -> StoreConfig | None:
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        problems.append(where("store", "expected a mapping with at least a `kind` key"))
+        return None
+    kind = section.get("kind")
+    if not isinstance(kind, str) or not kind:
+        problems.append(where("store.kind", "required: the store kind, e.g. `file` or `dynamodb`"))
+        return None
+    ttl = section.get("cacheTTL", 15.0)
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float):
+        problems.append(
+            where("store.cacheTTL", "expected seconds (0 = no cache, negative = forever)")
+        )
+        ttl = 15.0
+    try:
+        cls: type[StoreBackend[Any]] = registry.store(kind)
+    except PluginError as exc:
+        problems.append(where("store.kind", str(exc)))
+        return None
+    model = cls.settings_model
+    own = {k: v for k, v in section.items() if k not in STORE_COMMON_KEYS}
+    keys = {(info.alias or name) for name, info in model.model_fields.items()}
+    if "cacheTTL" in keys:  # a store that declares cacheTTL itself gets it too
+        own["cacheTTL"] = ttl
+    try:
+        settings = model.model_validate(own)
+    except ValidationError as exc:
+        problems.extend(_validation_problems(exc, "store", where, keys | STORE_COMMON_KEYS))
+        return None
+    return StoreConfig(
+        kind=kind,
+        store_class=cls,
+        settings=settings,
+        cache_ttl=float(ttl),
+        place=where.place("store"),
     )
 
 

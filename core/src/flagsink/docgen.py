@@ -5,6 +5,7 @@ Markdown files mark where a table goes; everything between the markers is genera
     <!-- settings-table: file -->      exporter `file`: kind, its own keys, the common keys
     <!-- settings-table: common -->    the keys common to every exporter section
     <!-- settings-table: service -->   the top-level keys of the relay service
+    <!-- settings-table: store:file --> store `file`: kind, its own keys, cacheTTL
     <!-- /settings-table -->
 
 ``python -m flagsink.docgen --write FILE...`` regenerates the tables in place;
@@ -30,12 +31,24 @@ from pydantic_core import PydanticUndefined
 from flagsink.config import SchedulingSettings, ServiceSettings
 from flagsink.plugins import default_registry
 
-__all__ = ["DocgenError", "exporter_table", "main", "render_markers", "settings_table"]
+__all__ = [
+    "DocgenError",
+    "exporter_table",
+    "main",
+    "render_markers",
+    "settings_table",
+    "store_table",
+]
 
 COMMON = "common"
 SERVICE = "service"
+STORE_PREFIX = "store:"
+_CACHE_TTL_ROW = (
+    "| `cacheTTL` | number | `15` | Seconds items stay cached in each process; `0` = no "
+    "cache, negative = cache forever (see the stores overview). |"
+)
 _MARKER = re.compile(
-    r"(?P<open><!-- settings-table: *(?P<kind>[A-Za-z0-9_.-]+) *-->)"
+    r"(?P<open><!-- settings-table: *(?P<kind>[A-Za-z0-9_.:-]+) *-->)"
     r"(?P<body>.*?)"
     r"(?P<close><!-- /settings-table -->)",
     re.DOTALL,
@@ -69,6 +82,8 @@ def exporter_table(kind: str) -> str:
 
     Use ``kind="common"`` for the common keys only, ``kind="service"`` for the relay's keys.
     """
+    if kind.startswith(STORE_PREFIX):
+        return store_table(kind.removeprefix(STORE_PREFIX))
     if kind == COMMON:
         return settings_table(SchedulingSettings)
     if kind == SERVICE:
@@ -77,6 +92,17 @@ def exporter_table(kind: str) -> str:
     kind_row = f"| `kind` | string | required | Always `{kind}` for this exporter. |"
     common = [row for row in _rows(SchedulingSettings) if not row.startswith("| `kind` ")]
     return "\n".join([_HEADER, kind_row, *_rows(settings_model, nested=True), *common])
+
+
+def store_table(kind: str) -> str:
+    """The table for store ``kind`` (marker ``store:KIND``): ``kind``, its own settings,
+    then ``cacheTTL`` (unless the store declares it itself)."""
+    settings_model = default_registry().store(kind).settings_model
+    kind_row = f"| `kind` | string | required | Always `{kind}` for this store. |"
+    rows = _rows(settings_model, nested=True)
+    if not any(row.startswith("| `cacheTTL` ") for row in rows):
+        rows.append(_CACHE_TTL_ROW)
+    return "\n".join([_HEADER, kind_row, *rows])
 
 
 def render_markers(text: str, *, source: str = "<text>") -> str:

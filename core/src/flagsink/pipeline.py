@@ -2,17 +2,73 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
 from flagsink.config import Config, ConfigError, load_config
 from flagsink.event import Event, FeatureEvent, TrackingEvent
+from flagsink.flags import tracks_events
 from flagsink.scheduler import DataExporterScheduler, SchedulerStats
+from flagsink.store import FLAGS
+from flagsink.store_cache import CachedStore
 
-__all__ = ["Pipeline", "from_config"]
+__all__ = ["Pipeline", "UntrackedFlags", "from_config"]
+
+logger = logging.getLogger("flagsink.pipeline")
+
+
+class UntrackedFlags:
+    """The keys of flags with ``trackEvents: false``, whose evaluation events are filtered.
+
+    Either a fixed set (``UntrackedFlags({"a", "b"})``) or refreshed from a flag store
+    every ``interval`` seconds on a daemon thread (:meth:`from_store`). ``current`` is
+    replaced as a whole, so readers never lock.
+    """
+
+    def __init__(self, keys: Collection[str] = ()) -> None:
+        self.current: frozenset[str] = frozenset(keys)
+        self._store: CachedStore | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_store(cls, store: CachedStore, interval: float = 1.0) -> UntrackedFlags:
+        """Read the untracked keys from ``store`` now, then every ``interval`` seconds."""
+        untracked = cls()
+        untracked._store = store
+        untracked.refresh()
+        if interval > 0:
+            untracked._thread = threading.Thread(
+                target=untracked._run, args=(interval,), name="flagsink-untracked", daemon=True
+            )
+            untracked._thread.start()
+        return untracked
+
+    def refresh(self) -> None:
+        """Read the store again (a no-op for a fixed set); errors keep the last set."""
+        if self._store is None:
+            return
+        try:
+            flags = self._store.all(FLAGS)
+        except Exception as exc:
+            logger.warning("cannot read flags to find trackEvents: false (%s)", exc)
+            return
+        self.current = frozenset(key for key, item in flags.items() if not tracks_events(item))
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.refresh()
+
+    def close(self) -> None:
+        """Stop refreshing."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
 
 
 class Pipeline:
@@ -22,7 +78,24 @@ class Pipeline:
     buffer, so it never delays or grows another's.
     """
 
-    def __init__(self, routes: Sequence[tuple[DataExporterScheduler, str]]) -> None:
+    def __init__(
+        self,
+        routes: Sequence[tuple[DataExporterScheduler, str]],
+        untracked: UntrackedFlags | Collection[str] | None = None,
+        store: CachedStore | None = None,
+    ) -> None:
+        """:param untracked: flag keys whose feature events are filtered (``trackEvents:
+            false``): a fixed collection or an :class:`UntrackedFlags`. Filtered events
+            are counted in :attr:`filtered`, not as dropped.
+        :param store: a flag store the pipeline owns (closed with it).
+        """
+        if untracked is None or isinstance(untracked, UntrackedFlags):
+            self.untracked = untracked or UntrackedFlags()
+        else:
+            self.untracked = UntrackedFlags(untracked)
+        self.store = store
+        self._filtered = 0
+        self._filtered_lock = threading.Lock()
         self.schedulers = [scheduler for scheduler, _ in routes]
         self._typed = list(routes)
         self._batch_routes: dict[str, list[DataExporterScheduler]] = {
@@ -39,8 +112,31 @@ class Pipeline:
             TrackingEvent: tuple(by_type["tracking"]),
         }
 
+    @property
+    def filtered(self) -> int:
+        """Feature events not exported because their flag has ``trackEvents: false``."""
+        return self._filtered
+
+    def count_filtered(self, count: int) -> None:
+        """Add ``count`` events filtered by the caller (see :meth:`filter_events`)."""
+        with self._filtered_lock:
+            self._filtered += count
+
+    def filter_events(self, events: Sequence[Event]) -> tuple[Sequence[Event], int]:
+        """``events`` without those of untracked flags, and how many were left out (the
+        caller counts them with :meth:`add_events`; this method counts nothing)."""
+        untracked = self.untracked.current
+        if not untracked:
+            return events, 0
+        kept = [e for e in events if type(e) is not FeatureEvent or e.key not in untracked]
+        return kept, len(events) - len(kept)
+
     def add_event(self, event: Event) -> None:
-        """Hand ``event`` to every exporter of its type. Never raises, never blocks."""
+        """Hand ``event`` to every exporter of its type (unless its flag is untracked).
+        Never raises, never blocks."""
+        if type(event) is FeatureEvent and event.key in self.untracked.current:
+            self.count_filtered(1)
+            return
         for add in self._routes.get(type(event), ()):
             add(event)
 
@@ -66,7 +162,11 @@ class Pipeline:
 
     def add_events(self, events: Sequence[Event]) -> None:
         """Hand a batch to every exporter of each event's type, in one buffer operation per
-        exporter. Never raises, never blocks."""
+        exporter. Events of untracked flags are left out and counted. Never raises, never
+        blocks."""
+        events, filtered = self.filter_events(events)
+        if filtered:
+            self.count_filtered(filtered)
         by_type = self._batch_routes
         if not by_type["tracking"]:
             batch: Sequence[Event] = [e for e in events if type(e) is FeatureEvent]
@@ -100,9 +200,12 @@ class Pipeline:
         deadline = time.monotonic() + timeout
         for scheduler in self.schedulers:
             scheduler.begin_close(deadline)
+        self.untracked.close()
         ok = True
         for scheduler in self.schedulers:
             ok = scheduler.close(max(deadline - time.monotonic(), 0.0)) and ok
+        if self.store is not None:
+            self.store.close()
         return ok
 
     def stats(self) -> list[SchedulerStats]:
@@ -121,13 +224,26 @@ class Pipeline:
         self.close()
 
 
-def from_config(config: Config | str | os.PathLike[str], **overrides: Any) -> Pipeline:
+def from_config(
+    config: Config | str | os.PathLike[str],
+    *,
+    store: CachedStore | None = None,
+    **overrides: Any,
+) -> Pipeline:
     """Build and start the exporters a config file names.
 
+    With a ``store:`` section, evaluation events of flags with ``trackEvents: false`` in
+    that store are filtered (the set is refreshed every second).
+
+    :param store: the flag store to read ``trackEvents`` from (default: built from the
+        config's ``store:`` section and owned by the pipeline).
     :param overrides: keyword arguments passed to every :class:`DataExporterScheduler`.
     """
     if not isinstance(config, Config):
         config = load_config(config)
+    owned: CachedStore | None = None
+    if store is None and config.store is not None:
+        store = owned = config.store.build()
     routes: list[tuple[DataExporterScheduler, str]] = []
     try:
         for section in config.exporters:
@@ -147,5 +263,8 @@ def from_config(config: Config | str | os.PathLike[str], **overrides: Any) -> Pi
     except ConfigError:
         for scheduler, _ in routes:
             scheduler.close(0)
+        if owned is not None:
+            owned.close()
         raise
-    return Pipeline(routes)
+    untracked = UntrackedFlags.from_store(store) if store is not None else None
+    return Pipeline(routes, untracked=untracked, store=owned)

@@ -22,7 +22,10 @@ from flagsink.exporters.batchfile import FileFormatSettings, build_format
 from flagsink.hookspecs import hookimpl
 from flagsink.naming import ObjectNamer, with_suffix
 
-__all__ = ["FileExporter", "FileSettings"]
+# The `file` entry point also provides the `file` store (flags from a flag file).
+from flagsink.stores.file import flagsink_register_stores
+
+__all__ = ["FileExporter", "FileSettings", "flagsink_register_stores"]
 
 _BUFFER = 1 << 20
 _MAX_SUFFIX = 10_000

@@ -1,6 +1,8 @@
 """The relay's ASGI application (Starlette).
 
-Routes: ``POST /v1/data/collector`` (GO Feature Flag's collector protocol), ``GET /health``,
+Routes: ``POST /v1/data/collector`` (GO Feature Flag's collector protocol),
+``POST /v1/flag/configuration`` (flags from the configured store, for in-process
+providers), ``GET /health``,
 ``GET /info``, ``GET /metrics`` (Prometheus) and ``GET /openapi.json``. The exporters are
 built when the application starts (after any worker fork) and flushed when it stops.
 """
@@ -8,6 +10,8 @@ built when the application starts (after any worker fork) and flushed when it st
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -21,11 +25,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from flagsink.config import Config
+from flagsink.flags import flag_definition
 from flagsink.pipeline import Pipeline, from_config
 from flagsink.plugins import core_version, installed_plugins
 from flagsink.relay.auth import KeyChecker
 from flagsink.relay.metrics import CONTENT_TYPE, RelayMetrics
 from flagsink.relay.openapi import openapi_document
+from flagsink.store import FLAGS
+from flagsink.store_cache import CachedStore
 from flagsink.wire import CollectorBodyError, decode_collector_body
 
 __all__ = ["create_app"]
@@ -33,8 +40,13 @@ __all__ = ["create_app"]
 logger = logging.getLogger("flagsink.relay")
 
 COLLECTOR = "/v1/data/collector"
+FLAG_CONFIGURATION = "/v1/flag/configuration"
 OPEN_PATHS = frozenset({"/health", "/info"})
-ROUTES = frozenset({COLLECTOR, "/health", "/info", "/metrics", "/openapi.json"})
+ROUTES = frozenset({COLLECTOR, FLAG_CONFIGURATION, "/health", "/info", "/metrics", "/openapi.json"})
+NO_STORE = (
+    "no flag store configured: add a `store:` section (e.g. `store: {kind: file, path: "
+    "flags.yaml}`) to the relay's config to serve flag configuration"
+)
 # Metric labels take only known values, so clients cannot grow the registry without bound.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _SHOWN_REJECTIONS = 100
@@ -67,6 +79,8 @@ class _Relay:
         self.max_body = config.service.max_body_bytes
         self._pipeline = pipeline
         self.metrics: RelayMetrics | None = None
+        self.store: CachedStore | None = None
+        self.enrichment = config.evaluation_context_enrichment
         self.document = _encode(openapi_document(core_version(), secured=bool(config.service.keys)))
 
     @property
@@ -77,8 +91,15 @@ class _Relay:
 
     @asynccontextmanager
     async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
+        if self.config.store is not None:
+            self.store = await asyncio.to_thread(self.config.store.build)
         if self._pipeline is None:
-            self._pipeline = from_config(self.config)
+            try:
+                self._pipeline = from_config(self.config, store=self.store)
+            except BaseException:
+                if self.store is not None:
+                    self.store.close()
+                raise
         self.metrics = RelayMetrics(self._pipeline)
         names = ", ".join(s.name for s in self._pipeline.schedulers)
         logger.info("relay started with exporters: %s", names)
@@ -96,6 +117,8 @@ class _Relay:
                     s.dropped_by_reason.get("shutdown", 0) + s.buffered + s.in_flight for s in stats
                 )
                 logger.error("relay stopped with %d events undelivered at shutdown", left)
+            if self.store is not None:
+                self.store.close()
 
     async def collector(self, request: Request) -> Response:
         try:
@@ -117,13 +140,19 @@ class _Relay:
             metrics.events_received.inc(total)
             if rejected:
                 metrics.events_rejected.labels("invalid").inc(len(rejected))
-        verdict, scheduler = pipeline.check_room(events) if events else ("ok", None)
+        accepted = len(events)
+        kept, filtered = pipeline.filter_events(events)
+        if filtered:
+            pipeline.count_filtered(filtered)
+            if metrics is not None:
+                metrics.events_filtered.inc(filtered)
+        verdict, scheduler = pipeline.check_room(kept) if kept else ("ok", None)
         if verdict != "ok" and scheduler is not None:
             if metrics is not None:
-                metrics.events_rejected.labels("overloaded").inc(len(events))
+                metrics.events_rejected.labels("overloaded").inc(len(kept))
             if verdict == "too_large":
                 return _error(
-                    f"batch of {len(events)} events is larger than exporter "
+                    f"batch of {len(kept)} events is larger than exporter "
                     f"{scheduler.name} can ever buffer (maxBufferedEvents "
                     f"{scheduler.max_buffered_events}); send smaller batches",
                     413,
@@ -134,19 +163,62 @@ class _Relay:
                 503,
                 {"Retry-After": "5"},
             )
-        pipeline.add_events(events)
+        pipeline.add_events(kept)
         if metrics is not None:
-            metrics.events_accepted.inc(len(events))
-        return _json(
-            {
-                "ingestedContentCount": len(events),
-                "rejectedContentCount": len(rejected),
-                "rejected": [
-                    {"index": index, "reason": reason}
-                    for index, reason in rejected[:_SHOWN_REJECTIONS]
-                ],
-            }
-        )
+            metrics.events_accepted.inc(len(kept))
+        answer: dict[str, Any] = {
+            "ingestedContentCount": accepted,
+            "rejectedContentCount": len(rejected),
+            "rejected": [
+                {"index": index, "reason": reason} for index, reason in rejected[:_SHOWN_REJECTIONS]
+            ],
+        }
+        if filtered:  # present only when some events were filtered (trackEvents: false)
+            answer["filteredContentCount"] = filtered
+        return _json(answer)
+
+    async def flag_configuration(self, request: Request) -> Response:
+        """GO Feature Flag's ``POST /v1/flag/configuration``: the flags (all, or those
+        named in ``{"flags": [...]}``) with an ETag; ``If-None-Match`` -> 304."""
+        store = self.store
+        if store is None:
+            return _error(NO_STORE, 404)
+        try:
+            body = await self._read_body(request)
+        except _BodyTooLarge:
+            return _error(f"request body larger than maxBodyBytes ({self.max_body} bytes)", 413)
+        wanted: list[str] = []
+        if body.strip():
+            try:
+                parsed = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                return _error('invalid JSON body: expected {"flags": ["flag-key", ...]}', 400)
+            if not isinstance(parsed, dict):
+                return _error('expected a JSON object: {"flags": ["flag-key", ...]}', 400)
+            keys = parsed.get("flags")
+            if keys is not None:
+                if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                    return _error("`flags` must be a list of flag keys (strings)", 400)
+                wanted = keys
+        try:
+            items = await asyncio.to_thread(store.all, FLAGS)
+        except Exception as exc:
+            logger.error("cannot read flags from the store: %s", exc)
+            return _error(f"cannot read flags from the store: {exc}", 503, {"Retry-After": "5"})
+        if wanted:
+            chosen = {key: items[key] for key in dict.fromkeys(wanted) if key in items}
+        else:
+            chosen = items
+        payload = {
+            "flags": {key: flag_definition(item) for key, item in sorted(chosen.items())},
+            "evaluationContextEnrichment": self.enrichment,
+        }
+        encoded = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str).encode()
+        etag = '"' + hashlib.sha256(encoded).hexdigest()[:32] + '"'
+        headers = {"ETag": etag, "Cache-Control": "no-cache"}
+        if _etag_matches(request.headers.get("if-none-match"), etag):
+            return Response(status_code=304, headers=headers)
+        return Response(encoded, 200, headers, media_type="application/json")
 
     async def _read_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -226,6 +298,15 @@ class _Guard:
         return self.checker.allows(api_key, authorization)
 
 
+def _etag_matches(header: str | None, etag: str) -> bool:
+    if not header:
+        return False
+    if header.strip() == "*":
+        return True
+    candidates = {part.strip().removeprefix("W/") for part in header.split(",")}
+    return etag in candidates or etag.strip('"') in candidates
+
+
 async def _http_error(_: Request, exc: Exception) -> Response:
     """404, 405 ... as the same JSON error shape as every other answer."""
     assert isinstance(exc, HTTPException)
@@ -242,6 +323,7 @@ def create_app(config: Config, *, pipeline: Pipeline | None = None) -> ASGIApp:
     app = Starlette(
         routes=[
             Route(COLLECTOR, relay.collector, methods=["POST"]),
+            Route(FLAG_CONFIGURATION, relay.flag_configuration, methods=["POST"]),
             Route("/health", relay.health, methods=["GET"]),
             Route("/info", relay.info, methods=["GET"]),
             Route("/metrics", relay.prometheus, methods=["GET"]),

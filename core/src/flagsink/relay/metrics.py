@@ -73,6 +73,11 @@ class RelayMetrics:
             "Events accepted and handed to the exporters.",
             registry=self.registry,
         )
+        self.events_filtered = Counter(
+            "flagsink_relay_events_filtered",
+            "Events accepted but not exported: their flag has trackEvents: false.",
+            registry=self.registry,
+        )
         self.events_rejected = Counter(
             "flagsink_relay_events_rejected",
             "Events refused, by reason (invalid, overloaded).",

@@ -86,6 +86,51 @@ def openapi_document(version: str, *, secured: bool) -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/flag/configuration": {
+                "post": {
+                    "operationId": "flagConfiguration",
+                    "summary": "Flag configuration for in-process providers (GO Feature "
+                    "Flag compatible), read from the configured store.",
+                    "security": security,
+                    "parameters": [
+                        {
+                            "name": "If-None-Match",
+                            "in": "header",
+                            "required": False,
+                            "schema": {"type": "string"},
+                            "description": "The ETag of a previous answer: 304 if unchanged.",
+                        }
+                    ],
+                    "requestBody": {
+                        "required": False,
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/FlagConfigRequest"}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "The flags asked for (all when none are named).",
+                            "headers": {"ETag": {"schema": {"type": "string"}}},
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/FlagConfigResponse"}
+                                }
+                            },
+                        },
+                        "304": {"description": "Not modified since the ETag given."},
+                        "400": _error("Body is not JSON or `flags` is not a list of strings."),
+                        **unauthorized,
+                        "404": _error("No `store:` is configured."),
+                        "413": _error("Body larger than maxBodyBytes."),
+                        "503": _error(
+                            "The store cannot be read; retry later.",
+                            {"Retry-After": {"schema": {"type": "string"}}},
+                        ),
+                    },
+                }
+            },
             "/health": {
                 "get": {
                     "operationId": "health",
@@ -155,12 +200,40 @@ def openapi_document(version: str, *, secured: bool) -> dict[str, Any]:
                         },
                     },
                 },
+                "FlagConfigRequest": {
+                    "type": "object",
+                    "properties": {
+                        "flags": {
+                            "type": ["array", "null"],
+                            "items": {"type": "string"},
+                            "description": "Flag keys wanted; empty or absent = all.",
+                        }
+                    },
+                },
+                "FlagConfigResponse": {
+                    "type": "object",
+                    "required": ["flags", "evaluationContextEnrichment"],
+                    "properties": {
+                        "flags": {
+                            "type": "object",
+                            "additionalProperties": {"type": "object"},
+                            "description": "Flag definitions by key, as in flag files.",
+                        },
+                        "evaluationContextEnrichment": {"type": "object"},
+                    },
+                },
                 "CollectorResponse": {
                     "type": "object",
                     "required": ["ingestedContentCount", "rejectedContentCount", "rejected"],
                     "properties": {
                         "ingestedContentCount": {"type": "integer", "minimum": 0},
                         "rejectedContentCount": {"type": "integer", "minimum": 0},
+                        "filteredContentCount": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "description": "Accepted events not exported: their flag has "
+                            "`trackEvents: false` (included in ingestedContentCount).",
+                        },
                         "rejected": {
                             "type": "array",
                             "description": "The first 100 rejected events.",

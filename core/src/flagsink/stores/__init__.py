@@ -1,0 +1,1 @@
+"""Flag stores shipped with flagsink core."""
