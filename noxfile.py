@@ -14,7 +14,7 @@ import nox
 nox.options.default_venv_backend = "uv"
 nox.options.reuse_existing_virtualenvs = True
 nox.options.error_on_missing_interpreters = True
-nox.options.sessions = ["lint", "typecheck", "docs", "core", "plugin"]
+nox.options.sessions = ["lint", "typecheck", "docs", "core", "plugin", "e2e"]
 
 ROOT = Path(__file__).parent
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
@@ -72,9 +72,9 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def core(session: nox.Session) -> None:
-    """Core tests with no plugin installed."""
+    """Core tests with no plugin installed (end-to-end tests needing plugins: `e2e`)."""
     _install(session, "-e", CORE, groups=("test",))
-    _pytest(session, "tests/core", "tests/e2e")
+    _pytest(session, "tests/core", "tests/e2e", "--ignore=tests/e2e/plugins")
 
 
 @nox.session
@@ -85,6 +85,14 @@ def plugin(session: nox.Session, name: str) -> None:
         session.skip("no plugins under plugins/ yet")
     _install(session, "-e", CORE, "-e", _plugin(name), groups=("test",))
     _pytest(session, f"tests/plugins/{name}")
+
+
+@nox.session
+def e2e(session: nox.Session) -> None:
+    """End-to-end tests across core and plugins (relay, stores, exporters, GO Feature Flag's
+    provider), with core and every plugin installed."""
+    _install(session, "-e", CORE, *_plugin_args(), groups=("test",))
+    _pytest(session, "tests/e2e/plugins")
 
 
 @nox.session(name="all")

@@ -286,10 +286,6 @@ class _NoBar:
         return None
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 # -- flag store ----------------------------------------------------------------------------
 
 
@@ -434,3 +430,7 @@ def store_init(config_path: str) -> None:
         backend.close()
     detail = f": {result}" if isinstance(result, str) and result else ""
     click.echo(f"store {section.kind}: created{detail}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
