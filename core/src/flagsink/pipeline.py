@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+import weakref
+from collections.abc import Callable, Collection, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal
 
 from flagsink.config import Config, ConfigError, load_config
-from flagsink.event import Event, FeatureEvent, TrackingEvent
+from flagsink.event import Event, FeatureEvent, TrackingEvent, new_tracking_event
 from flagsink.flags import tracks_events
 from flagsink.scheduler import DataExporterScheduler, SchedulerStats
 from flagsink.store import FLAGS
@@ -20,6 +22,42 @@ from flagsink.store_cache import CachedStore
 __all__ = ["Pipeline", "UntrackedFlags", "from_config"]
 
 logger = logging.getLogger("flagsink.pipeline")
+
+#: Seconds a pipeline gets to flush and close at a normal interpreter exit.
+DEFAULT_EXIT_TIMEOUT = 5.0
+
+_refreshing: weakref.WeakSet[UntrackedFlags] = weakref.WeakSet()
+
+
+def _restart_refresh_in_child() -> None:
+    # Threads do not survive fork: give the child its own refresh thread.
+    for untracked in list(_refreshing):
+        untracked._restart_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_restart_refresh_in_child)
+
+
+def _close_at_exit(ref: weakref.ref[Pipeline], timeout: float) -> None:
+    pipeline = ref()
+    if pipeline is not None:
+        try:
+            pipeline.close(timeout)
+        except Exception:  # pragma: no cover - defensive: never break interpreter exit
+            logger.exception("closing the pipeline at exit failed")
+
+
+def _tracking_details(details: object) -> Mapping[str, Any] | None:
+    """A mapping, or an OpenFeature ``TrackingEventDetails`` (attributes plus ``value``)."""
+    if details is None or isinstance(details, Mapping):
+        return details
+    attributes = getattr(details, "attributes", None)
+    result = dict(attributes) if attributes else {}
+    value = getattr(details, "value", None)
+    if value is not None:
+        result["value"] = value
+    return result
 
 
 class UntrackedFlags:
@@ -35,6 +73,7 @@ class UntrackedFlags:
         self._store: CachedStore | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._interval = 0.0
 
     @classmethod
     def from_store(cls, store: CachedStore, interval: float = 1.0) -> UntrackedFlags:
@@ -43,11 +82,20 @@ class UntrackedFlags:
         untracked._store = store
         untracked.refresh()
         if interval > 0:
-            untracked._thread = threading.Thread(
-                target=untracked._run, args=(interval,), name="flagsink-untracked", daemon=True
-            )
-            untracked._thread.start()
+            untracked._interval = interval
+            untracked._start_thread()
+            _refreshing.add(untracked)
         return untracked
+
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(
+            target=self._run, args=(self._interval,), name="flagsink-untracked", daemon=True
+        )
+        self._thread.start()
+
+    def _restart_after_fork(self) -> None:
+        if self._thread is not None and not self._stop.is_set():
+            self._start_thread()
 
     def refresh(self) -> None:
         """Read the store again (a no-op for a fixed set); errors keep the last set."""
@@ -83,11 +131,15 @@ class Pipeline:
         routes: Sequence[tuple[DataExporterScheduler, str]],
         untracked: UntrackedFlags | Collection[str] | None = None,
         store: CachedStore | None = None,
+        exit_timeout: float | None = DEFAULT_EXIT_TIMEOUT,
     ) -> None:
         """:param untracked: flag keys whose feature events are filtered (``trackEvents:
             false``): a fixed collection or an :class:`UntrackedFlags`. Filtered events
             are counted in :attr:`filtered`, not as dropped.
         :param store: a flag store the pipeline owns (closed with it).
+        :param exit_timeout: a normal interpreter exit flushes and closes the pipeline
+            within this many seconds (registered with :mod:`atexit` through a weak
+            reference; unregistered by :meth:`close`). ``None``: no exit handler.
         """
         if untracked is None or isinstance(untracked, UntrackedFlags):
             self.untracked = untracked or UntrackedFlags()
@@ -111,6 +163,16 @@ class Pipeline:
             FeatureEvent: tuple(by_type["feature"]),
             TrackingEvent: tuple(by_type["tracking"]),
         }
+        self._at_exit: Callable[[], None] | None = None
+        if exit_timeout is not None:
+            ref = weakref.ref(self)
+            timeout = float(exit_timeout)
+
+            def at_exit() -> None:
+                _close_at_exit(ref, timeout)
+
+            self._at_exit = at_exit
+            atexit.register(at_exit)
 
     @property
     def filtered(self) -> int:
@@ -139,6 +201,23 @@ class Pipeline:
             return
         for add in self._routes.get(type(event), ()):
             add(event)
+
+    def track(
+        self,
+        name: str,
+        context: object,
+        details: Mapping[str, Any] | object | None = None,
+    ) -> None:
+        """Record the custom event ``name`` (GO Feature Flag's tracking event) for the
+        exporters with ``eventType: tracking``. Never blocks.
+
+        :param context: the user: a key string, a mapping with ``targetingKey`` (or
+            ``key``) and optional ``anonymous``, or an OpenFeature ``EvaluationContext``;
+            its attributes become the event's ``evaluationContext``.
+        :param details: a mapping, or an OpenFeature ``TrackingEventDetails`` (its
+            attributes, plus ``value`` when set), stored as ``trackingEventDetails``.
+        """
+        self.add_event(new_tracking_event(context, name, _tracking_details(details)))
 
     def check_room(
         self, events: Sequence[Event]
@@ -197,6 +276,9 @@ class Pipeline:
 
     def close(self, timeout: float = 10.0) -> bool:
         """Close every exporter in parallel, all within ``timeout`` seconds."""
+        if self._at_exit is not None:
+            atexit.unregister(self._at_exit)
+            self._at_exit = None
         deadline = time.monotonic() + timeout
         for scheduler in self.schedulers:
             scheduler.begin_close(deadline)
@@ -228,6 +310,7 @@ def from_config(
     config: Config | str | os.PathLike[str],
     *,
     store: CachedStore | None = None,
+    exit_timeout: float | None = DEFAULT_EXIT_TIMEOUT,
     **overrides: Any,
 ) -> Pipeline:
     """Build and start the exporters a config file names.
@@ -237,7 +320,11 @@ def from_config(
 
     :param store: the flag store to read ``trackEvents`` from (default: built from the
         config's ``store:`` section and owned by the pipeline).
+    :param exit_timeout: see :class:`Pipeline` (a normal interpreter exit flushes).
     :param overrides: keyword arguments passed to every :class:`DataExporterScheduler`.
+
+    Safe under pre-forking servers: a process forked afterwards gets its own, empty
+    buffers and worker threads, and exports independently of its parent.
     """
     if not isinstance(config, Config):
         config = load_config(config)
@@ -267,4 +354,4 @@ def from_config(
             owned.close()
         raise
     untracked = UntrackedFlags.from_store(store) if store is not None else None
-    return Pipeline(routes, untracked=untracked, store=owned)
+    return Pipeline(routes, untracked=untracked, store=owned, exit_timeout=exit_timeout)

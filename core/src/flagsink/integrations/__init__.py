@@ -1,0 +1,1 @@
+"""Integrations with feature-flag SDKs; each needs its SDK installed (an optional extra)."""
