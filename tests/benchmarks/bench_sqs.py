@@ -7,7 +7,7 @@ files)::
     .venv/bin/python tests/benchmarks/bench_sqs.py            # about a minute
     .venv/bin/python tests/benchmarks/bench_sqs.py --quick    # fewer events
 
-It starts moto's server (as the plugin's tests do: tests/plugins/sqs/moto_server.py) on a
+It starts moto's server (as the plugin's tests do: tests/plugins/moto_support.py) on a
 free 127.0.0.1 port.
 
 1. Sustained throughput: 100,000 events added to a ``DataExporterScheduler`` feeding a
@@ -59,7 +59,7 @@ from flagsink.scheduler import DataExporterScheduler
 from flagsink.testing import sample_events, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
-from sqs.moto_server import MotoServer  # the plugin tests' moto launcher
+from moto_support import MotoServer  # the plugin tests' moto launcher
 
 EVENTS = 100_000
 

@@ -13,8 +13,7 @@ from typing import Any
 
 import pytest
 from botocore.config import Config
-
-from .moto_server import MotoServer, cannot_run, fake_aws_environment
+from moto_support import MotoServer, cannot_run, fake_aws_environment
 
 SHARDS = 4
 #: Client settings for tests: one attempt per request, so outages fail fast.

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 from flagsink_kinesis import KinesisExporter
+from moto_support import MotoServer
 
 from flagsink.testing.contract import ExporterContract
 
 from .conftest import FAST, Stream
-from .moto_server import MotoServer
 
 
 class TestKinesisContract(ExporterContract):

@@ -28,6 +28,7 @@ from flagsink_kinesis import (
 from flagsink_kinesis.exporter import _chunks
 from hypothesis import given
 from hypothesis import strategies as st
+from moto_support import ACCESS_KEY, SECRET_KEY, Gate, MotoServer
 from pydantic import ValidationError
 
 import flagsink
@@ -38,7 +39,6 @@ from flagsink.scheduler import DataExporterScheduler
 from flagsink.testing import sample_events, wait_until
 
 from .conftest import FAST, SHARDS, Stream
-from .moto_server import ACCESS_KEY, SECRET_KEY, Gate, MotoServer
 
 TIMEOUT = 30.0
 

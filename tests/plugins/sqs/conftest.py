@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 from botocore.config import Config
-
-from .moto_server import MotoServer, cannot_run, fake_aws_environment
+from moto_support import MotoServer, cannot_run, fake_aws_environment
 
 #: Client settings for tests: one attempt per request, so outages fail fast.
 FAST = Config(retries={"mode": "standard", "max_attempts": 1}, connect_timeout=2, read_timeout=20)

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 from flagsink_sqs import SqsExporter
+from moto_support import MotoServer
 
 from flagsink.testing.contract import ExporterContract
 
 from .conftest import FAST, Queue
-from .moto_server import MotoServer
 
 
 class TestSqsContract(ExporterContract):

@@ -21,6 +21,7 @@ import pytest
 import yaml
 from botocore.exceptions import ConnectionClosedError
 from flagsink_sqs import MAX_BATCH_ENTRIES, SqsExporter
+from moto_support import ACCESS_KEY, SECRET_KEY, Gate, MotoServer
 
 import flagsink
 from flagsink.config import parse_config
@@ -30,7 +31,6 @@ from flagsink.scheduler import DataExporterScheduler
 from flagsink.testing import sample_events, wait_until
 
 from .conftest import FAST, Queue
-from .moto_server import ACCESS_KEY, SECRET_KEY, Gate, MotoServer
 
 TIMEOUT = 60.0
 KIB = 1024
