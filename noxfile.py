@@ -19,7 +19,7 @@ nox.options.sessions = ["lint", "typecheck", "docs", "core", "plugin", "e2e"]
 ROOT = Path(__file__).parent
 PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
 PLUGINS = sorted(path.parent.name for path in ROOT.glob("plugins/*/pyproject.toml"))
-CORE = "./core[parquet,testing,relay]"
+CORE = "./core[parquet,testing,relay,openfeature,launchdarkly]"
 
 
 def _constraints(session: nox.Session) -> list[str]:
