@@ -65,3 +65,19 @@ def test_dead_letters_from_many_threads_never_interleave(tmp_path: Path) -> None
     lines = path.read_text().splitlines()
     assert len(lines) == 800
     assert all(json.loads(line)["reason"] == "r" for line in lines)
+
+
+def test_keep_groups_by_reason_and_never_raises(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    letters = DeadLetterFile(tmp_path / "d.jsonl", "sqs")
+    events = sample_events(3)
+    pairs = [(events[0], "too large"), (events[1], "sender fault"), (events[2], "too large")]
+    assert letters.keep_by_reason(pairs) == 3
+    reasons = [json.loads(line)["reason"] for line in letters.path.read_text().splitlines()]
+    assert reasons == ["too large", "too large", "sender fault"]
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    broken = DeadLetterFile(blocker / "d.jsonl", "sqs")
+    assert broken.keep(events, "refused") == 0
+    assert f"cannot write 3 dead letters to {blocker / 'd.jsonl'}" in caplog.text

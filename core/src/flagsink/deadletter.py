@@ -6,10 +6,11 @@ so the events can be inspected and sent again once the cause is fixed.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -17,6 +18,8 @@ import msgspec
 from flagsink.event import Event
 
 __all__ = ["DeadLetterFile"]
+
+logger = logging.getLogger("flagsink.deadletter")
 
 
 class _Letter(msgspec.Struct):
@@ -52,6 +55,28 @@ class DeadLetterFile:
                 handle.flush()
                 os.fsync(handle.fileno())
         return data.count(b"\n")
+
+    def keep(self, events: Sequence[Event], reason: str) -> int:
+        """Like :meth:`write`, but never raises: a file that cannot be written is logged
+        (naming it) and 0 returned, so a rejected batch never fails the export twice."""
+        try:
+            return self.write(events, reason)
+        except OSError as exc:
+            logger.error(
+                "exporter %s: cannot write %d dead letters to %s: %s",
+                self.exporter,
+                len(events),
+                self.path,
+                exc,
+            )
+            return 0
+
+    def keep_by_reason(self, rejected: Iterable[tuple[Event, str]]) -> int:
+        """:meth:`keep` each ``(event, reason)``, one append per reason."""
+        groups: dict[str, list[Event]] = {}
+        for event, reason in rejected:
+            groups.setdefault(reason, []).append(event)
+        return sum(self.keep(events, reason) for reason, events in groups.items())
 
 
 def _encodable(events: Sequence[Event]) -> list[Event]:

@@ -357,10 +357,7 @@ class KafkaExporter(Exporter[KafkaSettings]):
                 f" (written to {self._dead_letters.path})" if self._dead_letters else "",
             )
             if self._dead_letters is not None:
-                try:
-                    self._dead_letters.write(events, reason)
-                except OSError as exc:
-                    logger.error("kafka: cannot write dead letters: %s", exc)
+                self._dead_letters.keep(events, reason)
 
     # -- close ---------------------------------------------------------------------------
 

@@ -267,21 +267,8 @@ class KinesisExporter(Exporter[KinesisSettings]):
             total,
             _summary(rejected),
         )
-        if self._dead_letters is None:
-            return
-        by_reason: dict[str, list[Event]] = {}
-        for event, _, reason in rejected:
-            by_reason.setdefault(reason, []).append(event)
-        for reason, group in by_reason.items():
-            try:
-                self._dead_letters.write(group, reason)
-            except OSError as exc:
-                logger.error(
-                    "kinesis: cannot write %d rejected events to the dead-letter file %s: %s",
-                    len(group),
-                    self._dead_letters.path,
-                    exc,
-                )
+        if self._dead_letters is not None:
+            self._dead_letters.keep_by_reason((event, reason) for event, _, reason in rejected)
 
     # -- errors ---------------------------------------------------------------------------
 

@@ -451,15 +451,7 @@ class PubSubExporter(Exporter[PubSubSettings]):
                 f"; written to {self._dead_letters.path}" if self._dead_letters else "",
             )
             if self._dead_letters is not None:
-                try:
-                    self._dead_letters.write(group, _REASONS[reason])
-                except OSError as exc:
-                    logger.error(
-                        "pubsub %s: cannot write dead letters to %s: %s",
-                        self.topic_path,
-                        self._dead_letters.path,
-                        exc,
-                    )
+                self._dead_letters.keep(group, _REASONS[reason])
 
     def _summary(
         self,
