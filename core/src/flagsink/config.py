@@ -33,6 +33,7 @@ from pydantic.alias_generators import to_camel
 
 from flagsink.exporter import Exporter, ExporterSettings, SettingsError
 from flagsink.plugins import PluginError, Registry, default_registry
+from flagsink.spool import SpoolSettings
 from flagsink.store import StoreBackend, StoreError, StoreSettings
 from flagsink.store_cache import CachedStore
 
@@ -64,6 +65,7 @@ FLAGSINK_KEYS = frozenset(
         "evaluationContextEnrichment",
         "spool",
         "shutdownTimeout",
+        "idempotencyTtl",
     }
 )
 # GO Feature Flag relay keys that flagsink accepts and ignores, so its files work unchanged.
@@ -132,6 +134,12 @@ class SchedulingSettings(BaseModel):
         60_000, gt=0, description="Longest wait between retries, in milliseconds."
     )
     name: str | None = Field(None, description="Label in logs and metrics (default: kind).")
+    dead_letter_file: str | None = Field(
+        None,
+        description="JSON lines file (created if missing) that keeps every event the sink "
+        "refuses for good, with the reason; `flagsink replay` sends them again. With a "
+        "`spool`, the default is `<spool.dir>/deadletter/<name>.jsonl`.",
+    )
 
     @model_validator(mode="after")
     def _cap_holds_a_batch(self) -> SchedulingSettings:
@@ -198,6 +206,12 @@ class ServiceSettings(BaseModel):
     )
     shutdown_timeout: float = Field(
         10.0, gt=0, description="Seconds allowed to flush every exporter on SIGTERM/SIGINT."
+    )
+    idempotency_ttl: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds a collector answer is kept for retries that send the same "
+        "`Idempotency-Key` header (and body): they get that answer again, not ingested twice.",
     )
 
     _check_api_keys = field_validator("api_keys")(_no_empty_keys)
@@ -293,6 +307,7 @@ class Config:
     raw: dict[str, Any] = field(repr=False)
     service: ServiceSettings = field(default_factory=lambda: ServiceSettings.model_validate({}))
     store: StoreConfig | None = None
+    spool: SpoolSettings | None = None
 
     @property
     def evaluation_context_enrichment(self) -> dict[str, Any]:
@@ -351,12 +366,36 @@ def parse_config(
     except ValidationError as exc:
         problems.extend(_validation_problems(exc, "", where, SERVICE_KEYS))
     store = _store_config(data.get("store"), registry, where, problems)
+    spool = _spool_config(data.get("spool"), where, problems)
     enrichment = data.get("evaluationContextEnrichment")
     if enrichment is not None and not isinstance(enrichment, dict):
         problems.append(where("evaluationContextEnrichment", "expected a mapping"))
     if problems:
         raise ConfigError(problems)
-    return Config(source=source, exporters=exporters, raw=data, service=service, store=store)
+    return Config(
+        source=source,
+        exporters=exporters,
+        raw=data,
+        service=service,
+        store=store,
+        spool=spool,
+    )
+
+
+SPOOL_KEYS = frozenset((info.alias or name) for name, info in SpoolSettings.model_fields.items())
+
+
+def _spool_config(section: Any, where: _Locator, problems: list[str]) -> SpoolSettings | None:
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        problems.append(where("spool", "expected a mapping with at least a `dir` key"))
+        return None
+    try:
+        return SpoolSettings.model_validate(section)
+    except ValidationError as exc:
+        problems.extend(_validation_problems(exc, "spool", where, SPOOL_KEYS))
+        return None
 
 
 # -- parsing ---------------------------------------------------------------------------------

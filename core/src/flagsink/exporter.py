@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
@@ -12,6 +13,7 @@ from pydantic.alias_generators import to_camel
 from flagsink.event import Event
 
 __all__ = [
+    "Batch",
     "ExportError",
     "Exporter",
     "ExporterSettings",
@@ -61,8 +63,9 @@ class ExportError(Exception):
 
 
 class PermanentExportError(ExportError):
-    """The sink refused the batch for good (retrying cannot fix it): the events are dropped
-    and counted as rejected."""
+    """The sink refused the batch for good (retrying cannot fix it): the events are dropped,
+    counted as rejected and written to the exporter's dead-letter file when it has one
+    (with this error's message as the reason)."""
 
 
 class PartialExportError(ExportError):
@@ -70,7 +73,10 @@ class PartialExportError(ExportError):
 
     :param failed: events to retry; everything not listed in ``failed`` or ``rejected``
         was delivered.
-    :param rejected: events the sink refused for good; dropped and counted as rejected.
+    :param rejected: events the sink refused for good; dropped, counted as rejected and
+        written to the exporter's dead-letter file when it has one.
+    :param reasons: why each rejected event was refused (same order as ``rejected``),
+        kept with it in the dead-letter file; default: this error's message.
     """
 
     def __init__(
@@ -79,11 +85,41 @@ class PartialExportError(ExportError):
         *,
         failed: Sequence[Event] = (),
         rejected: Sequence[Event] = (),
+        reasons: Sequence[str] | None = None,
         retry_after: float | None = None,
     ) -> None:
         super().__init__(message, retry_after=retry_after)
         self.failed = list(failed)
         self.rejected = list(rejected)
+        if reasons is not None and len(reasons) != len(self.rejected):
+            raise ValueError("reasons must give one reason per rejected event")
+        self.reasons = list(reasons) if reasons is not None else [message] * len(self.rejected)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The identity of one batch, the same on every retry of it and, with a spool, after a
+    restart: exporters that can make delivery idempotent (deterministic object names plus
+    create-only writes) derive names from it.
+
+    :param origin: a stable id of where the batch was formed: the spool's id, or without
+        a spool a random id of the scheduler.
+    :param exporter: the exporter's label (``name`` or kind).
+    :param first: the sequence number of the batch's first event (unique per origin and
+        exporter).
+    :param created: Unix time the batch was first formed; names rendered from it (e.g.
+        ``{{ .Timestamp}}``) come out the same on a retry.
+    """
+
+    origin: str
+    exporter: str
+    first: int
+    created: float
+
+    @property
+    def id(self) -> str:
+        """``origin/exporter/first``: unique per batch."""
+        return f"{self.origin}/{self.exporter}/{self.first}"
 
 
 SettingsT = TypeVar("SettingsT", bound=ExporterSettings)
@@ -118,6 +154,15 @@ class Exporter(ABC, Generic[SettingsT]):
         :class:`PartialExportError` to retry only some events, and
         :class:`PermanentExportError` when retrying cannot help.
         """
+
+    def export_batch(self, events: Sequence[Event], batch: Batch) -> None:
+        """Deliver ``events``, formed as ``batch``; the scheduler calls this.
+
+        The default calls :meth:`export`. Override it to make a batch retried after a
+        timeout or a crash idempotent (e.g. an object name derived from ``batch`` and a
+        create-only write that recognises its own earlier object).
+        """
+        self.export(events)
 
     def close(self) -> None:
         """Release clients and connections. Called once, after the last export."""

@@ -13,9 +13,12 @@ from types import TracebackType
 from typing import Any, Literal
 
 from flagsink.config import Config, ConfigError, load_config
+from flagsink.deadletter import DeadLetterFile
 from flagsink.event import Event, FeatureEvent, TrackingEvent, new_tracking_event
 from flagsink.flags import tracks_events
 from flagsink.scheduler import DataExporterScheduler, SchedulerStats
+from flagsink.spool import Spool, SpoolError, SpoolStats
+from flagsink.spooled import SpoolScheduler
 from flagsink.store import FLAGS
 from flagsink.store_cache import CachedStore
 
@@ -119,24 +122,31 @@ class UntrackedFlags:
             self._thread.join(5)
 
 
+Scheduler = DataExporterScheduler | SpoolScheduler
+
+
 class Pipeline:
     """Routes each event to the schedulers of its type (``feature`` or ``tracking``).
 
     Events are shared by reference; a slow or failing exporter only ever fills its own
-    buffer, so it never delays or grows another's.
+    buffer, so it never delays or grows another's. With a :class:`~flagsink.spool.Spool`,
+    events go to the spool once and every exporter reads them from there.
     """
 
     def __init__(
         self,
-        routes: Sequence[tuple[DataExporterScheduler, str]],
+        routes: Sequence[tuple[Scheduler, str]],
         untracked: UntrackedFlags | Collection[str] | None = None,
         store: CachedStore | None = None,
         exit_timeout: float | None = DEFAULT_EXIT_TIMEOUT,
+        spool: Spool | None = None,
     ) -> None:
         """:param untracked: flag keys whose feature events are filtered (``trackEvents:
             false``): a fixed collection or an :class:`UntrackedFlags`. Filtered events
             are counted in :attr:`filtered`, not as dropped.
         :param store: a flag store the pipeline owns (closed with it).
+        :param spool: the spool the routes' :class:`SpoolScheduler` read from (owned:
+            closed with the pipeline).
         :param exit_timeout: a normal interpreter exit flushes and closes the pipeline
             within this many seconds (registered with :mod:`atexit` through a weak
             reference; unregistered by :meth:`close`). ``None``: no exit handler.
@@ -146,11 +156,12 @@ class Pipeline:
         else:
             self.untracked = UntrackedFlags(untracked)
         self.store = store
+        self.spool = spool
         self._filtered = 0
         self._filtered_lock = threading.Lock()
         self.schedulers = [scheduler for scheduler, _ in routes]
         self._typed = list(routes)
-        self._batch_routes: dict[str, list[DataExporterScheduler]] = {
+        self._batch_routes: dict[str, list[Scheduler]] = {
             "feature": [s for s, kind in routes if kind == "feature"],
             "tracking": [s for s, kind in routes if kind == "tracking"],
         }
@@ -159,6 +170,9 @@ class Pipeline:
             if event_type not in by_type:
                 raise ValueError(f"event type must be 'feature' or 'tracking', not {event_type!r}")
             by_type[event_type].append(scheduler.add_event)
+        if spool is not None:
+            # One durable append per event, whatever the number of exporters.
+            by_type = {kind: [spool.append] if adds else [] for kind, adds in by_type.items()}
         self._routes: dict[type, tuple[Callable[[Event], None], ...]] = {
             FeatureEvent: tuple(by_type["feature"]),
             TrackingEvent: tuple(by_type["tracking"]),
@@ -221,7 +235,7 @@ class Pipeline:
 
     def check_room(
         self, events: Sequence[Event]
-    ) -> tuple[Literal["ok", "full", "too_large"], DataExporterScheduler | None]:
+    ) -> tuple[Literal["ok", "full", "too_large"], Scheduler | None]:
         """Whether every exporter concerned can take ``events`` now without dropping.
 
         :returns: ``("ok", None)``; ``("full", scheduler)`` when one lacks room right now;
@@ -229,8 +243,12 @@ class Pipeline:
         """
         tracking = sum(1 for event in events if type(event) is TrackingEvent)
         counts = {"feature": len(events) - tracking, "tracking": tracking}
-        verdict: tuple[Literal["ok", "full", "too_large"], DataExporterScheduler | None]
+        verdict: tuple[Literal["ok", "full", "too_large"], Scheduler | None]
         verdict = ("ok", None)
+        if self.spool is not None:
+            if not self.spool.has_room and self.schedulers:
+                return "full", self.schedulers[0]
+            return verdict
         for scheduler, event_type in self._typed:
             wanted = counts[event_type]
             if wanted > scheduler.max_buffered_events:
@@ -246,6 +264,9 @@ class Pipeline:
         events, filtered = self.filter_events(events)
         if filtered:
             self.count_filtered(filtered)
+        if self.spool is not None:
+            self.spool.append_many(self._routed(events))
+            return
         by_type = self._batch_routes
         if not by_type["tracking"]:
             batch: Sequence[Event] = [e for e in events if type(e) is FeatureEvent]
@@ -264,9 +285,32 @@ class Pipeline:
         for scheduler in by_type["tracking"]:
             scheduler.add_events(tracking)
 
+    def _routed(self, events: Sequence[Event]) -> Sequence[Event]:
+        """``events`` without those of a type no exporter takes."""
+        routes = self._routes
+        if all(routes.get(type(event)) for event in events):
+            return events
+        return [event for event in events if routes.get(type(event))]
+
+    def submit(self, events: Sequence[Event], callback: Callable[[bool], None]) -> None:
+        """Hand in ``events`` already passed through :meth:`filter_events`, then call
+        ``callback(True)`` once they are durable in the spool (at once without a spool;
+        ``False`` when the spool refused them). The relay acknowledges from it."""
+        if self.spool is None:
+            self.add_events(events)
+            callback(True)
+            return
+        self.spool.submit(self._routed(events), callback)
+
+    def spool_stats(self) -> SpoolStats | None:
+        """The spool's figures, or None without a spool."""
+        return self.spool.stats() if self.spool is not None else None
+
     def flush(self, timeout: float | None = None) -> bool:
         """Flush every exporter at once; True when all delivered everything."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self.spool is not None:
+            self.spool.sync(timeout)
         tickets = [scheduler.request_flush() for scheduler in self.schedulers]
         ok = True
         for scheduler, ticket in zip(self.schedulers, tickets, strict=True):
@@ -280,12 +324,20 @@ class Pipeline:
             atexit.unregister(self._at_exit)
             self._at_exit = None
         deadline = time.monotonic() + timeout
+        spool = self.spool
+        if spool is not None:
+            # Commit what was added, then let the exporters send until a little before the
+            # deadline: their confirmations need the spool's last commit.
+            spool.sync(timeout / 2)
+            deadline -= min(0.05, timeout / 4)
         for scheduler in self.schedulers:
             scheduler.begin_close(deadline)
         self.untracked.close()
         ok = True
         for scheduler in self.schedulers:
             ok = scheduler.close(max(deadline - time.monotonic(), 0.0)) and ok
+        if spool is not None:
+            spool.close(max(deadline - time.monotonic(), 0.0) + min(0.05, timeout / 4))
         if self.store is not None:
             self.store.close()
         return ok
@@ -331,12 +383,15 @@ def from_config(
     owned: CachedStore | None = None
     if store is None and config.store is not None:
         store = owned = config.store.build()
-    routes: list[tuple[DataExporterScheduler, str]] = []
+    if config.spool is not None and not overrides.get("memory_only"):
+        return _spooled_pipeline(config, store, owned, exit_timeout, overrides)
+    overrides.pop("memory_only", None)
+    routes: list[tuple[Scheduler, str]] = []
     try:
         for section in config.exporters:
             exporter = section.build()
             timing = section.scheduling
-            scheduler = DataExporterScheduler(
+            scheduler: Scheduler = DataExporterScheduler(
                 exporter,
                 flush_interval=timing.flush_interval / 1000,
                 max_events_in_memory=timing.max_event_in_memory,
@@ -344,6 +399,7 @@ def from_config(
                 retry_initial=timing.retry_initial_interval / 1000,
                 retry_max=max(timing.retry_max_interval, timing.retry_initial_interval) / 1000,
                 name=section.label,
+                dead_letters=timing.dead_letter_file,
                 **overrides,
             )
             routes.append((scheduler, timing.event_type))
@@ -355,3 +411,61 @@ def from_config(
         raise
     untracked = UntrackedFlags.from_store(store) if store is not None else None
     return Pipeline(routes, untracked=untracked, store=owned, exit_timeout=exit_timeout)
+
+
+def _spooled_pipeline(
+    config: Config,
+    store: CachedStore | None,
+    owned: CachedStore | None,
+    exit_timeout: float | None,
+    overrides: dict[str, Any],
+) -> Pipeline:
+    """Exporters fed from the config's ``spool`` (dead letters default into it)."""
+    assert config.spool is not None
+    overrides.pop("memory_only", None)
+    overrides.pop("max_buffered_events", None)
+    try:
+        spool = Spool(config.spool)
+    except SpoolError as exc:
+        if owned is not None:
+            owned.close()
+        raise ConfigError([f"{config.source}: {exc}"]) from None
+    routes: list[tuple[Scheduler, str]] = []
+    try:
+        for section in config.exporters:
+            exporter = section.build()
+            timing = section.scheduling
+            label = section.label
+            dead_letter_path = timing.dead_letter_file or str(
+                spool.directory / "deadletter" / f"{_safe_name(label)}.jsonl"
+            )
+            scheduler: Scheduler = SpoolScheduler(
+                exporter,
+                spool.consumer(label, timing.event_type),
+                flush_interval=timing.flush_interval / 1000,
+                max_events_in_memory=timing.max_event_in_memory,
+                retry_initial=timing.retry_initial_interval / 1000,
+                retry_max=max(timing.retry_max_interval, timing.retry_initial_interval) / 1000,
+                name=label,
+                dead_letters=DeadLetterFile(dead_letter_path, label),
+                **overrides,
+            )
+            routes.append((scheduler, timing.event_type))
+        spool.start()
+    except (ConfigError, SpoolError) as exc:
+        for scheduler, _ in routes:
+            scheduler.close(0)
+        spool.close(0)
+        if owned is not None:
+            owned.close()
+        if isinstance(exc, SpoolError):
+            raise ConfigError([f"{config.source}: {exc}"]) from None
+        raise
+    untracked = UntrackedFlags.from_store(store) if store is not None else None
+    return Pipeline(
+        routes, untracked=untracked, store=owned, exit_timeout=exit_timeout, spool=spool
+    )
+
+
+def _safe_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in label) or "exporter"

@@ -11,18 +11,21 @@ from __future__ import annotations
 import logging
 import os
 import random
+import secrets
 import threading
 import time
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from flagsink.deadletter import DeadLetterFile
 from flagsink.event import Event
-from flagsink.exporter import Exporter, PartialExportError, PermanentExportError
+from flagsink.exporter import Batch, Exporter, PartialExportError, PermanentExportError
 
-__all__ = ["DataExporterScheduler", "SchedulerStats"]
+__all__ = ["DataExporterScheduler", "SchedulerStats", "retry_delay"]
 
 logger = logging.getLogger("flagsink.scheduler")
 
@@ -72,6 +75,19 @@ def _retry_after(error: BaseException) -> float | None:
     return float(value) if 0 <= value < float("inf") else None
 
 
+def retry_delay(attempt: int, initial: float, longest: float, error: BaseException) -> float:
+    """Seconds before retry number ``attempt + 1``: exponential with equal jitter, at
+    least the error's ``retry_after`` (when it has one), never more than ``longest``."""
+    delay = min(longest, initial * 2.0**attempt)
+    delay *= 0.5 + random.random() / 2  # equal jitter: [delay/2, delay)
+    retry_after = _retry_after(error)
+    if retry_after is not None:
+        # The sink said when to come back (e.g. HTTP Retry-After): not sooner, but never
+        # later than the longest delay.
+        delay = min(longest, max(delay, retry_after))
+    return delay
+
+
 class DataExporterScheduler:
     """Feeds one exporter from a bounded in-memory buffer.
 
@@ -86,6 +102,9 @@ class DataExporterScheduler:
         long, up to ``retry_max``.
     :param retry_max: longest retry delay in seconds.
     :param name: label for logs and stats (default: the exporter's kind).
+    :param dead_letters: where events the sink refuses for good are kept with the reason
+        (a :class:`~flagsink.deadletter.DeadLetterFile` or a path); without it they are
+        only counted (``rejected``) and logged.
     """
 
     def __init__(
@@ -98,6 +117,7 @@ class DataExporterScheduler:
         retry_initial: float = 1.0,
         retry_max: float = 60.0,
         name: str | None = None,
+        dead_letters: DeadLetterFile | str | os.PathLike[str] | None = None,
         start: bool = True,
     ) -> None:
         if flush_interval <= 0:
@@ -119,6 +139,9 @@ class DataExporterScheduler:
         self.max_buffered_events = cap
         self.retry_initial = float(retry_initial)
         self.retry_max = float(retry_max)
+        if dead_letters is not None and not isinstance(dead_letters, DeadLetterFile):
+            dead_letters = DeadLetterFile(Path(dead_letters), self.name)
+        self.dead_letters: DeadLetterFile | None = dead_letters
         #: Called after every export attempt with (seconds, batch size, succeeded).
         self.on_export: Callable[[float, int, bool], None] | None = None
         self._bulk = bool(getattr(exporter, "bulk", True))
@@ -256,6 +279,7 @@ class DataExporterScheduler:
             in_flight=in_flight,
             last_error=self._last_error,
             last_error_time=self._last_error_time,
+            extra={"dead_lettered": self._dead_lettered},
         )
 
     # -- worker ---------------------------------------------------------------------------
@@ -279,6 +303,14 @@ class DataExporterScheduler:
         self._last_error_time: float | None = None
         self._attempt = 0
         self._retry_at = 0.0
+        self._dead_lettered = 0
+        # Batch identities: a random origin per scheduler (new in a forked child) and the
+        # sequence number of the next event formed into a batch.
+        self._origin = secrets.token_hex(8)
+        self._next_seq = 0
+        # (identity, size) of a failed batch waiting at the front of the buffer: its retry
+        # is formed from exactly those events, under the same identity.
+        self._retry_of: tuple[Batch, int] | None = None
         self._next_flush = time.monotonic() + self.flush_interval
         self._deadline = float("inf")
 
@@ -345,29 +377,58 @@ class DataExporterScheduler:
                 return not self._buffer
         return True
 
-    def _take_batch(self) -> list[Event]:
+    def _new_identity(self, size: int) -> Batch:
+        identity = Batch(self._origin, self.name, self._next_seq, time.time())
+        self._next_seq += size
+        return identity
+
+    def _take_batch(self) -> tuple[list[Event], Batch | None]:
         buffer = self._buffer
         with self._lock:
-            count = min(len(buffer), self.max_events_in_memory)
+            retry_of = self._retry_of
+            self._retry_of = None
+            if retry_of is not None:
+                identity, count = retry_of
+                count = min(count, len(buffer))
+            else:
+                identity, count = None, min(len(buffer), self.max_events_in_memory)
             # Counted in flight before leaving the buffer: free_capacity, read without the
             # lock, may then underestimate the room for a moment, but never overestimate it.
             self._in_flight = count
-            return [buffer.popleft() for _ in range(count)]
+            events = [buffer.popleft() for _ in range(count)]
+        if identity is None and events:
+            identity = self._new_identity(len(events))
+        return events, identity
+
+    def _send(self, batch: list[Event], identity: Batch) -> None:
+        export_batch = getattr(self.exporter, "export_batch", None)
+        if export_batch is None:  # duck-typed exporters without the Exporter base
+            self.exporter.export(batch)
+        else:
+            export_batch(batch, identity)
+
+    def _keep_dead_letters(self, rejected: Sequence[Event], reasons: Sequence[str]) -> None:
+        if self.dead_letters is not None and rejected:
+            self._dead_lettered += self.dead_letters.keep_by_reason(
+                zip(rejected, reasons, strict=True)
+            )
 
     def _export_batch(self) -> bool:
-        batch = self._take_batch()
-        if not batch:
+        batch, identity = self._take_batch()
+        if not batch or identity is None:
             return True
         retry: Sequence[Event] = ()
         rejected: Sequence[Event] = ()
+        reasons: Sequence[str] = ()
         error: BaseException | None = None
         started = time.perf_counter()
         try:
-            self.exporter.export(batch)
+            self._send(batch, identity)
         except PartialExportError as exc:
-            error, retry, rejected = exc, exc.failed, exc.rejected
+            error, retry, rejected, reasons = exc, exc.failed, exc.rejected, exc.reasons
         except PermanentExportError as exc:
             error, rejected = exc, batch
+            reasons = [str(exc)] * len(batch)
         except Exception as exc:
             error, retry = exc, batch
         observer = self.on_export
@@ -383,11 +444,19 @@ class DataExporterScheduler:
             if retry:
                 self._buffer.extendleft(reversed(retry))
                 self._retried += len(retry)
+                # The whole batch again: the same identity, so an idempotent sink can tell
+                # an earlier attempt that did succeed. Part of it: a new batch.
+                if len(retry) == len(batch):
+                    self._retry_of = (identity, len(retry))
+                else:
+                    self._retry_of = (self._new_identity(len(retry)), len(retry))
                 # The cap holds at once: past it, the retried (oldest) events go first.
                 for _ in range(len(self._buffer) - self.max_buffered_events):
                     self._buffer.popleft()
                     self._overflow += 1
+                    self._retry_of = None
             self._in_flight = 0
+        self._keep_dead_letters(rejected, reasons)
         if not retry:
             self._attempt = 0
             self._retry_at = 0.0
@@ -409,13 +478,7 @@ class DataExporterScheduler:
                 self._last_error,
             )
         if retry:
-            delay = min(self.retry_max, self.retry_initial * 2.0**self._attempt)
-            delay *= 0.5 + random.random() / 2  # equal jitter: [delay/2, delay)
-            retry_after = _retry_after(error)
-            if retry_after is not None:
-                # The sink said when to come back (e.g. HTTP Retry-After): not sooner, but
-                # never later than retry_max.
-                delay = min(self.retry_max, max(delay, retry_after))
+            delay = retry_delay(self._attempt, self.retry_initial, self.retry_max, error)
             self._attempt += 1
             self._retry_at = time.monotonic() + delay
             logger.warning(
@@ -441,6 +504,7 @@ class DataExporterScheduler:
                 except IndexError:  # pragma: no cover - the worker emptied it meanwhile
                     break
                 self._overflow += 1
+                self._retry_of = None
 
     def _drop_oldest(self, count: int, reason: str) -> None:
         buffer = self._buffer
@@ -453,6 +517,7 @@ class DataExporterScheduler:
             except IndexError:
                 pass
             self._dropped[reason] += dropped
+            self._retry_of = None
 
     def _warn_drops(self, now: float) -> None:
         total = self._overflow
