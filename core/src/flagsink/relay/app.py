@@ -13,9 +13,9 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from starlette.applications import Starlette
@@ -25,10 +25,23 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from flagsink.config import Config
+from flagsink.event import Event
 from flagsink.flags import flag_definition
 from flagsink.pipeline import Pipeline, from_config
 from flagsink.plugins import core_version, installed_plugins
 from flagsink.relay.auth import KeyChecker
+from flagsink.relay.idempotency import (
+    HEADER,
+    REPLAYED_HEADER,
+    Claim,
+    IdempotencyStore,
+    MemoryIdempotencyStore,
+    StoredResponse,
+    fingerprint,
+    key_problem,
+    presented_key,
+    request_scope,
+)
 from flagsink.relay.metrics import CONTENT_TYPE, RelayMetrics
 from flagsink.relay.openapi import openapi_document
 from flagsink.store import FLAGS
@@ -50,6 +63,7 @@ NO_STORE = (
 # Metric labels take only known values, so clients cannot grow the registry without bound.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _SHOWN_REJECTIONS = 100
+_IDEMPOTENCY_HEADER = "idempotency-key"
 _encode = msgspec.json.Encoder().encode
 
 Scope = MutableMapping[str, Any]
@@ -74,8 +88,17 @@ def _error(message: str, status: int, headers: dict[str, str] | None = None) -> 
 class _Relay:
     """Request handlers sharing the pipeline and metrics of one application."""
 
-    def __init__(self, config: Config, pipeline: Pipeline | None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        pipeline: Pipeline | None,
+        idempotency: IdempotencyStore | None = None,
+    ) -> None:
         self.config = config
+        if idempotency is None:
+            idempotency = MemoryIdempotencyStore(config.service.idempotency_ttl)
+        self.idempotency = idempotency
+        self.secured = bool(config.service.keys)
         self.max_body = config.service.max_body_bytes
         self._pipeline = pipeline
         self.metrics: RelayMetrics | None = None
@@ -100,7 +123,7 @@ class _Relay:
                 if self.store is not None:
                     self.store.close()
                 raise
-        self.metrics = RelayMetrics(self._pipeline)
+        self.metrics = RelayMetrics(self._pipeline, self.idempotency)
         names = ", ".join(s.name for s in self._pipeline.schedulers)
         logger.info("relay started with exporters: %s", names)
         try:
@@ -121,6 +144,11 @@ class _Relay:
                 self.store.close()
 
     async def collector(self, request: Request) -> Response:
+        key = request.headers.get(_IDEMPOTENCY_HEADER)
+        if key is not None:
+            problem = key_problem(request.headers.getlist(_IDEMPOTENCY_HEADER))
+            if problem is not None:
+                return _error(problem, 400)
         try:
             body = await self._read_body(request)
         except _BodyTooLarge:
@@ -129,6 +157,57 @@ class _Relay:
                 "send smaller batches",
                 413,
             )
+        if key is None:
+            return await self._ingest(body)
+        return await self._ingest_once(request, key, body)
+
+    async def _ingest_once(self, request: Request, key: str, body: bytes) -> Response:
+        """``_ingest`` unless this client already sent ``key``: then the stored answer (same
+        body), 422 (another body) or 409 (still being processed). Only 2xx are remembered."""
+        store = self.idempotency
+        client = presented_key(*_credentials(request.scope)) if self.secured else ""
+        outcome = store.begin(request_scope(client, key), fingerprint(body))
+        if not isinstance(outcome, Claim):
+            return self._not_again(outcome)
+        try:
+            response = await self._ingest(body)
+        except BaseException:
+            store.release(outcome)
+            raise
+        if 200 <= response.status_code < 300:
+            media_type = response.media_type or "application/json"
+            answer = StoredResponse(response.status_code, bytes(response.body), media_type)
+            store.complete(outcome, answer)
+        else:
+            store.release(outcome)  # not remembered: the client's retry is processed
+        return response
+
+    def _not_again(self, outcome: StoredResponse | Literal["in_progress", "mismatch"]) -> Response:
+        metrics = self.metrics
+        if isinstance(outcome, StoredResponse):
+            if metrics is not None:
+                metrics.idempotent_replays.inc()
+            return Response(
+                outcome.body,
+                outcome.status,
+                {REPLAYED_HEADER: "true"},
+                media_type=outcome.media_type,
+            )
+        if metrics is not None:
+            metrics.idempotency_conflicts.labels(outcome).inc()
+        if outcome == "mismatch":
+            return _error(
+                f"this {HEADER} was already used for a request with a different "
+                "body; send a new key with each new request",
+                422,
+            )
+        return _error(
+            f"a request with this {HEADER} is still being processed; retry shortly",
+            409,
+            {"Retry-After": "1"},
+        )
+
+    async def _ingest(self, body: bytes) -> Response:
         try:
             events, rejected = decode_collector_body(body)
         except CollectorBodyError as exc:
@@ -163,7 +242,17 @@ class _Relay:
                 503,
                 {"Retry-After": "5"},
             )
-        pipeline.add_events(kept)
+        if pipeline.spool is None:
+            pipeline.add_events(kept)
+        elif kept and not await _durable(pipeline, kept):
+            if metrics is not None:
+                metrics.events_rejected.labels("overloaded").inc(len(kept))
+            return _error(
+                "the spool is full (the exporters are failing or slower than the event "
+                "rate) and could not take these events in time; retry later",
+                503,
+                {"Retry-After": "5"},
+            )
         if metrics is not None:
             metrics.events_accepted.inc(len(kept))
         answer: dict[str, Any] = {
@@ -298,6 +387,17 @@ class _Guard:
         return self.checker.allows(api_key, authorization)
 
 
+def _credentials(scope: Scope) -> tuple[str | None, str | None]:
+    """``(X-API-Key, Authorization)`` as :meth:`_Guard._allowed` reads them."""
+    api_key = authorization = None
+    for name, value in scope["headers"]:
+        if name == b"x-api-key":
+            api_key = value.decode("latin-1")
+        elif name == b"authorization":
+            authorization = value.decode("latin-1")
+    return api_key, authorization
+
+
 def _etag_matches(header: str | None, etag: str) -> bool:
     if not header:
         return False
@@ -313,13 +413,36 @@ async def _http_error(_: Request, exc: Exception) -> Response:
     return _error(exc.detail, exc.status_code, dict(exc.headers or {}))
 
 
-def create_app(config: Config, *, pipeline: Pipeline | None = None) -> ASGIApp:
+async def _durable(pipeline: Pipeline, events: Sequence[Event]) -> bool:
+    """Hand ``events`` to the spool; True once the group commit holding them is done."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bool] = loop.create_future()
+
+    def settle(ok: bool) -> None:
+        if not done.done():
+            done.set_result(ok)
+
+    def committed(ok: bool) -> None:  # on the spool's writer thread
+        loop.call_soon_threadsafe(settle, ok)
+
+    pipeline.submit(events, committed)
+    return await done
+
+
+def create_app(
+    config: Config,
+    *,
+    pipeline: Pipeline | None = None,
+    idempotency: IdempotencyStore | None = None,
+) -> ASGIApp:
     """The relay application for ``config``.
 
     :param pipeline: use this pipeline instead of building one from the config when the
         application starts (it is still closed when the application stops).
+    :param idempotency: where ``Idempotency-Key`` answers are kept (default: in memory,
+        for ``idempotencyTtl`` seconds).
     """
-    relay = _Relay(config, pipeline)
+    relay = _Relay(config, pipeline, idempotency)
     app = Starlette(
         routes=[
             Route(COLLECTOR, relay.collector, methods=["POST"]),

@@ -9,6 +9,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from flagsink.pipeline import Pipeline
+from flagsink.relay.idempotency import IdempotencyStore
 
 __all__ = ["CONTENT_TYPE", "RelayMetrics"]
 
@@ -58,10 +59,30 @@ class _ExporterCollector(Collector):
         yield from (exported, retried, failures, dropped, buffered, in_flight)
 
 
+class _IdempotencyCollector(Collector):
+    """Reads the idempotency store's figures at scrape time."""
+
+    def __init__(self, store: IdempotencyStore) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.store.stats()
+        yield CounterMetricFamily(
+            "flagsink_relay_idempotency_evictions",
+            "Idempotency keys forgotten before their TTL to keep the store within its bounds.",
+            value=stats.evicted,
+        )
+        yield GaugeMetricFamily(
+            "flagsink_relay_idempotency_keys",
+            "Idempotency keys remembered now (in progress or answered).",
+            value=stats.keys,
+        )
+
+
 class RelayMetrics:
     """The relay's registry: request and event counters plus per-exporter figures."""
 
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, idempotency: IdempotencyStore | None = None) -> None:
         self.registry = CollectorRegistry()
         self.events_received = Counter(
             "flagsink_relay_events_received",
@@ -97,7 +118,24 @@ class RelayMetrics:
             buckets=_EXPORT_BUCKETS,
             registry=self.registry,
         )
+        self.idempotent_replays = Counter(
+            "flagsink_relay_idempotent_replays",
+            "Collector requests answered with the stored answer of an earlier request with "
+            "the same Idempotency-Key (nothing ingested).",
+            registry=self.registry,
+        )
+        self.idempotency_conflicts = Counter(
+            "flagsink_relay_idempotency_conflicts",
+            "Collector requests refused for their Idempotency-Key, by reason (in_progress: "
+            "409, mismatch: 422).",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in ("in_progress", "mismatch"):
+            self.idempotency_conflicts.labels(reason)
         self.registry.register(_ExporterCollector(pipeline))
+        if idempotency is not None:
+            self.registry.register(_IdempotencyCollector(idempotency))
         for scheduler in pipeline.schedulers:
             histogram = self.export_seconds.labels(scheduler.name)
             scheduler.on_export = lambda seconds, _size, _ok, h=histogram: h.observe(seconds)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from flagsink.relay.idempotency import HEADER, KEY_PATTERN, MAX_KEY_LENGTH, REPLAYED_HEADER
+
 __all__ = ["openapi_document"]
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
@@ -59,6 +61,24 @@ def openapi_document(version: str, *, secured: bool) -> dict[str, Any]:
                     "operationId": "collectEvents",
                     "summary": "Ingest a batch of evaluation and tracking events.",
                     "security": security,
+                    "parameters": [
+                        {
+                            "name": HEADER,
+                            "in": "header",
+                            "required": False,
+                            "schema": {
+                                "type": "string",
+                                "minLength": 1,
+                                "maxLength": MAX_KEY_LENGTH,
+                                "pattern": KEY_PATTERN,
+                            },
+                            "description": "A key unique to this request (e.g. a UUID), sent "
+                            "again with each retry of it: a retry with the same key and body "
+                            "within idempotencyTtl (600 s by default) gets the first 2xx "
+                            "answer again and ingests nothing. Printable ASCII, 1-255 "
+                            "characters, no space first or last.",
+                        }
+                    ],
                     "requestBody": {
                         "required": True,
                         "content": {
@@ -70,15 +90,34 @@ def openapi_document(version: str, *, secured: bool) -> dict[str, Any]:
                     "responses": {
                         "200": {
                             "description": "Events accepted (malformed ones listed).",
+                            "headers": {
+                                REPLAYED_HEADER: {
+                                    "description": "`true` when this is the stored answer "
+                                    f"of an earlier request with the same {HEADER}: "
+                                    "nothing was ingested this time.",
+                                    "schema": {"type": "string", "enum": ["true"]},
+                                }
+                            },
                             "content": {
                                 "application/json": {
                                     "schema": {"$ref": "#/components/schemas/CollectorResponse"}
                                 }
                             },
                         },
-                        "400": _error("Body is not JSON or has no `events` list."),
+                        "400": _error(
+                            f"Body is not JSON or has no `events` list, or {HEADER} is malformed."
+                        ),
                         **unauthorized,
+                        "409": _error(
+                            f"A request with the same {HEADER} is still being processed; "
+                            "nothing was ingested: retry shortly.",
+                            {"Retry-After": {"schema": {"type": "string"}}},
+                        ),
                         "413": _error("Body larger than maxBodyBytes."),
+                        "422": _error(
+                            f"The {HEADER} was already used with a different body; nothing "
+                            "was ingested: use a new key for a new request."
+                        ),
                         "503": _error(
                             "Exporter buffers are full; retry later.",
                             {"Retry-After": {"schema": {"type": "string"}}},
