@@ -200,18 +200,17 @@ def test_message_too_large_is_rejected_alone_and_dead_lettered(
     make_topic: Callable[..., str],
     readers: list[TopicReader],
     exporters: Any,
+    schedule: Any,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     topic = make_topic()
-    letters = tmp_path / "dead" / "kafka.jsonl"
     exporter = KafkaExporter(
         kafka={
             "topic": topic,
             "addresses": [broker.bootstrap],
             "config": {"message.max.bytes": 20_000},
         },
-        deadLetterFile=str(letters),
     )
     exporters.append(exporter)
     good = sample_events(30, prefix="fits")
@@ -223,20 +222,34 @@ def test_message_too_large_is_rejected_alone_and_dead_lettered(
     ):
         exporter.export([*good[:10], huge, bad, *good[10:]])
     assert caught.value.failed == []
-    assert set(map(id, caught.value.rejected)) == {id(huge), id(bad)}
+    reasons = {id(e): r for e, r in zip(caught.value.rejected, caught.value.reasons, strict=True)}
+    assert set(reasons) == {id(huge), id(bad)}
+    # The error's name and librdkafka's message: what the dead-letter file keeps.
+    assert reasons[id(huge)].startswith("MSG_SIZE_TOO_LARGE: ")
+    assert reasons[id(bad)] == "not JSON-encodable"
     assert exporter.stats()["rejected"] == 2
     assert exporter.stats()["delivered"] == 30
     assert "MSG_SIZE_TOO_LARGE" in caplog.text
     assert "not JSON-encodable" in caplog.text
 
+    # Through the scheduler, the refused event goes to its dead-letter file with that
+    # reason; the rest is delivered.
+    letters = tmp_path / "dead" / "kafka.jsonl"
+    more = sample_events(5, prefix="more")
+    scheduler = schedule(exporter, dead_letters=letters)
+    scheduler.add_events([*more[:2], huge, *more[2:]])
+    assert scheduler.flush(30)
+    stats = scheduler.stats()
+    assert (stats.exported, stats.dropped_by_reason) == (5, {"rejected": 1})
+    assert stats.extra["dead_lettered"] == 1
     lines = [json.loads(line) for line in letters.read_text().splitlines()]
     assert [line["event"]["userKey"] for line in lines] == ["huge"]
-    assert "MSG_SIZE_TOO_LARGE" in lines[0]["reason"]
+    assert lines[0]["reason"] == reasons[id(huge)]
     assert lines[0]["exporter"] == "kafka"
 
     reader = broker.reader(topic, group=False)
     readers.append(reader)
-    assert_same_events(reader.read(), good)
+    assert_same_events(reader.read(), [*good, *more])
 
 
 def test_a_full_local_queue_is_waited_out_never_dropped(

@@ -48,6 +48,5 @@ class TestKinesisContract(ExporterContract):
             {"explicitHashKey": "{{ if .Key }}1{{ end }}"},
             {"region": "eu west 1"},
             {"endpointUrl": "ftp://127.0.0.1:21"},
-            {"deadLetterFile": " "},
             {"unknownKey": 1},
         ]

@@ -379,11 +379,11 @@ def sized_event(user: str, size: int) -> FeatureEvent:
 def test_record_over_1_mib_is_rejected_counted_logged_and_dead_lettered(
     stream: Stream,
     new_exporter: Callable[..., KinesisExporter],
+    schedulers: Callable[..., DataExporterScheduler],
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    dead = tmp_path / "dead" / "kinesis.jsonl"
-    exporter = new_exporter(deadLetterFile=str(dead))
+    exporter = new_exporter()
     fits = sized_event("fits", MAX_RECORD_BYTES)
     too_big = sized_event("too-big", MAX_RECORD_BYTES + 1)
     small = sample_events(10, prefix="small")
@@ -394,14 +394,27 @@ def test_record_over_1_mib_is_rejected_counted_logged_and_dead_lettered(
         exporter.export([*small[:5], too_big, fits, *small[5:]])
     assert caught.value.rejected == [too_big]
     assert caught.value.failed == []
+    reason = (
+        "record of 1048577 bytes (data + partition key) is over the 1048576-byte (1 MiB) "
+        "limit of a Kinesis record"
+    )
+    assert caught.value.reasons == [reason]
     assert "1048577 bytes" in str(caught.value)
     assert exporter.counters["rejected_too_large"] == 1
     assert any("rejected for good" in r.getMessage() for r in caplog.records)
-    (letter,) = [json.loads(line) for line in dead.read_text().splitlines()]
-    assert letter["event"]["userKey"] == "too-big"
-    assert "1 MiB" in letter["reason"]
     stored = sorted(record["userKey"] for record in stream.read())
     assert stored == sorted(["fits", *(event.user_key for event in small)])
+
+    # Through the scheduler, the record goes to the dead-letter file with its reason.
+    dead = tmp_path / "dead" / "kinesis.jsonl"
+    scheduler = schedulers(exporter, dead_letters=dead)
+    scheduler.add_events([too_big, *small[:2]])
+    assert scheduler.flush(10)
+    stats = scheduler.stats()
+    assert (stats.exported, stats.dropped_by_reason) == (2, {"rejected": 1})
+    (letter,) = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert (letter["exporter"], letter["reason"]) == ("kinesis", reason)
+    assert letter["event"] == as_json(too_big)
 
 
 def test_invalid_explicit_hash_key_rejects_the_event_only(
@@ -416,6 +429,7 @@ def test_invalid_explicit_hash_key_rejects_the_event_only(
     with pytest.raises(PartialExportError) as caught:
         exporter.export(events)
     assert caught.value.rejected == [events[1]]
+    assert caught.value.reasons == ["explicitHashKey 'x1' is not an integer 0..2^128-1"]
     assert exporter.counters["rejected_hash_key"] == 1
     by_user = {record.json["userKey"]: record.shard for record in stream.records()}
     assert by_user["a"] == "shardId-000000000000"  # hash key 12

@@ -63,5 +63,4 @@ class TestPubSubContract(ExporterContract):
             {"batchMaxLatency": -1},
             {"publishTimeout": 0},
             {"credentialsFile": "/nonexistent/key.json"},
-            {"deadLetterFile": " "},
         ]

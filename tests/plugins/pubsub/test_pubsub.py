@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -243,6 +244,7 @@ def test_batch_settings_reach_the_publisher_and_the_wire(
 def test_message_over_10_mb_is_rejected_alone_and_dead_lettered(
     topic: Topic,
     new_exporter: Callable[..., PubSubExporter],
+    schedulers: Callable[..., DataExporterScheduler],
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -251,8 +253,7 @@ def test_message_over_10_mb_is_rejected_alone_and_dead_lettered(
         "user", "too-big", 1_700_000_000, "f", "v", "x" * 10_000_001, False, "1", "S"
     )
     near = FeatureEvent("user", "large", 1_700_000_000, "f", "v", "y" * 9_000_000, False, "1", "S")
-    dead = tmp_path / "dead" / "pubsub.jsonl"
-    exporter = new_exporter(deadLetterFile=str(dead), publishTimeout=20.0)
+    exporter = new_exporter(publishTimeout=20.0)
     with (
         caplog.at_level(logging.ERROR, logger="flagsink.pubsub"),
         pytest.raises(PartialExportError) as caught,
@@ -260,16 +261,30 @@ def test_message_over_10_mb_is_rejected_alone_and_dead_lettered(
         exporter.export([*good[:10], big, near, *good[10:]])
     assert caught.value.rejected == [big]
     assert caught.value.failed == []
+    size = len(msgspec.json.encode(big))
+    reason = f"message of {size} bytes over Pub/Sub's 10000000 byte limit"
+    assert caught.value.reasons == [reason]
     assert exporter.rejected == Counter({"too_large": 1})
     assert "1 of 22 events rejected for good (message over Pub/Sub's 10000000 byte limit)" in (
         caplog.text
     )
-    (letter,) = [json.loads(line) for line in dead.read_text().splitlines()]
-    assert letter["event"]["userKey"] == "too-big"
-    assert "10000000 byte" in letter["reason"]
     received = topic.drain(21)
     assert sorted(user_keys(received)) == sorted([e.user_key for e in good] + ["large"])
     assert max(len(message.data) for message in received) > 9_000_000
+
+    # Through the scheduler, the message goes to the dead-letter file with its reason.
+    dead = tmp_path / "dead" / "pubsub.jsonl"
+    scheduler = schedulers(exporter, dead_letters=dead)
+    scheduler.add_events([big, *good[:2]])
+    assert scheduler.flush(TIMEOUT)
+    assert scheduler.stats().dropped_by_reason == {"rejected": 1}
+    (letter,) = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert (letter["exporter"], letter["reason"]) == ("pubsub", reason)
+    assert letter["event"]["userKey"] == "too-big"
+    received = topic.drain(23)  # every message received so far
+    assert sorted(user_keys(received)) == sorted(
+        [e.user_key for e in good] + ["large"] + [e.user_key for e in good[:2]]
+    )
 
 
 def test_attribute_or_ordering_key_over_its_limit_is_rejected_alone(
@@ -284,6 +299,10 @@ def test_attribute_or_ordering_key_over_its_limit_is_rejected_alone(
     with pytest.raises(PartialExportError) as caught:
         exporter.export([long_user, *good, long_flag])
     assert caught.value.rejected == [long_user, long_flag]
+    assert caught.value.reasons == [
+        "ordering key of 1025 bytes over 1024 bytes",
+        "attribute 'flag': value of 1025 bytes over 1024 bytes",
+    ]
     assert caught.value.failed == []
     assert exporter.rejected == Counter({"ordering_key_too_long": 1, "attribute_too_long": 1})
     assert sorted(user_keys(topic.drain(10))) == sorted(e.user_key for e in good)
@@ -313,6 +332,10 @@ def test_request_refused_as_invalid_rejects_only_the_message_at_fault(
     with pytest.raises(PartialExportError) as caught:
         exporter.export(events)
     assert caught.value.rejected == [bad]
+    # The service's status code and message, as it refused the message sent alone.
+    (reason,) = caught.value.reasons
+    assert reason.startswith("Pub/Sub refused the message: InvalidArgument: 400 "), reason
+    assert "empty" in reason, reason
     assert exporter.rejected == Counter({"invalid_argument": 1})
     assert exporter.isolated > 1  # the whole request was refused, then sent one by one
     if ordering_key is None:

@@ -52,7 +52,6 @@ class TestSqsContract(ExporterContract):
             {"maxMessageSize": 100},
             {"maxMessageSize": 2 * 1024 * 1024},
             {"concurrentRequests": 0},
-            {"deadLetterFile": ""},
             {"unknownKey": 1},
         ]
 

@@ -261,11 +261,11 @@ def test_batches_stay_under_10_entries_and_the_byte_limit(
 def test_message_over_256_kib_is_rejected_counted_logged_and_dead_lettered(
     queue: Queue,
     new_exporter: Callable[..., SqsExporter],
+    schedulers: Callable[..., DataExporterScheduler],
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    dead = tmp_path / "dead.jsonl"
-    exporter = new_exporter(deadLetterFile=str(dead))
+    exporter = new_exporter()
     fits = sized_event("fits", 256 * KIB, EMITTER_BYTES)
     too_big = sized_event("too-big", 256 * KIB + 1, EMITTER_BYTES)
     small = sample_events(6, prefix="small")
@@ -276,13 +276,26 @@ def test_message_over_256_kib_is_rejected_counted_logged_and_dead_lettered(
         exporter.export([*small[:3], too_big, fits, *small[3:]])
     assert caught.value.rejected == [too_big]
     assert caught.value.failed == []
+    reason = (
+        f"message of {256 * KIB + 1} bytes (body + attributes) is over maxMessageSize "
+        f"({256 * KIB} bytes)"
+    )
+    assert caught.value.reasons == [reason]
     assert f"{256 * KIB + 1} bytes" in str(caught.value)
     assert exporter.counters["rejected_too_large"] == 1
     assert any("rejected for good" in r.getMessage() for r in caplog.records)
-    (letter,) = [json.loads(line) for line in dead.read_text().splitlines()]
-    assert letter["event"]["userKey"] == "too-big"
-    assert "maxMessageSize" in letter["reason"]
     assert bodies(queue.receive()) == expected([*small, fits])
+
+    # Through the scheduler, the message goes to the dead-letter file with its reason.
+    dead = tmp_path / "dead.jsonl"
+    scheduler = schedulers(exporter, dead_letters=dead)
+    scheduler.add_events([too_big, *small[:2]])
+    assert scheduler.flush(TIMEOUT)
+    assert scheduler.stats().dropped_by_reason == {"rejected": 1}
+    (letter,) = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert (letter["exporter"], letter["reason"]) == ("sqs", reason)
+    assert letter["event"]["userKey"] == "too-big"
+    assert bodies(queue.receive()) == expected([*small, fits, *small[:2]])  # all received
 
 
 def test_max_message_size_up_to_1_mib(
@@ -438,14 +451,19 @@ def test_partial_failure_resends_only_the_failed_entries(
 ) -> None:
     events = sample_events(100, prefix="partial")
     dead = tmp_path / "dead.jsonl"
-    exporter = new_exporter(concurrentRequests=1, deadLetterFile=str(dead))
+    exporter = new_exporter(concurrentRequests=1)
     log = BatchLog()
     faults = RefuseEntries(server_fault={1, 5, 9}, sender_fault={7}, calls=3)
     hook(exporter, "before-parameter-build", log)
     hook(exporter, "before-parameter-build", faults.before)
     hook(exporter, "after-call", faults.after)
     scheduler = schedulers(
-        exporter, max_events_in_memory=1_000, retry_initial=0.05, retry_max=0.1, start=False
+        exporter,
+        max_events_in_memory=1_000,
+        retry_initial=0.05,
+        retry_max=0.1,
+        dead_letters=dead,
+        start=False,
     )
     scheduler.add_events(events)
     with caplog.at_level(logging.ERROR, logger="flagsink.sqs"):
@@ -465,10 +483,13 @@ def test_partial_failure_resends_only_the_failed_entries(
     assert stats.retried == 9
     assert exporter.counters["rejected_sender_fault"] == 3
     assert any("InvalidParameterValue" in r.getMessage() for r in caplog.records)
-    rejected_users = {
-        json.loads(line)["event"]["userKey"] for line in dead.read_text().splitlines()
-    }
+    letters = [json.loads(line) for line in dead.read_text().splitlines()]
+    rejected_users = {letter["event"]["userKey"] for letter in letters}
     assert rejected_users == {"partial-0000007", "partial-0000017", "partial-0000027"}
+    # Each with SQS's code and message.
+    assert {letter["reason"] for letter in letters} == {
+        "SQS refused it: InvalidParameterValue: Message contains invalid characters"
+    }
     # The queue holds everything else exactly once.
     delivered = [event for event in events if event.user_key not in rejected_users]
     assert bodies(queue.receive()) == expected(delivered)

@@ -61,6 +61,5 @@ class TestWebhookContract(ExporterContract):
             {"headers": {"X-Token": "a\r\nInjected: yes"}},
             {"headers": {"Content-Length": "10"}},
             {"meta": {"env": ["not", "text"]}},
-            {"deadLetterFile": ""},
             {"endpointURL": "http://typo.example"},
         ]

@@ -23,18 +23,22 @@ from typing import Any
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from flagsink_webhook import (
     WebhookExporter,
     WebhookExportError,
     WebhookPartialExportError,
+    WebhookRefusedError,
     WebhookSettings,
 )
 from pydantic import ValidationError
 
 from flagsink import DataExporterScheduler, FeatureEvent, TrackingEvent
+from flagsink.cli import main
 from flagsink.config import parse_config
 from flagsink.event import Event
 from flagsink.exporter import PermanentExportError, SettingsError
+from flagsink.pipeline import from_config
 from flagsink.plugins import default_registry
 from flagsink.testing import sample_events, wait_until
 
@@ -313,10 +317,13 @@ def test_scheduler_retries_only_the_failed_part_and_counts_it(
 
 
 def test_a_part_refused_for_good_goes_to_the_dead_letter_file_and_the_rest_arrives(
-    webhook_server: WebhookServer, exporters: Callable[..., WebhookExporter], tmp_path: Path
+    webhook_server: WebhookServer,
+    exporters: Callable[..., WebhookExporter],
+    schedulers: Callable[..., DataExporterScheduler],
+    tmp_path: Path,
 ) -> None:
     dead = tmp_path / "letters" / "webhook.jsonl"
-    exporter, events = split_setup(webhook_server, exporters, deadLetterFile=str(dead))
+    exporter, events = split_setup(webhook_server, exporters)
     webhook_server.answer(200, Answer(422, b'{"error": "schema v2 expected"}'))
     with pytest.raises(WebhookPartialExportError) as caught:
         exporter.export(events)
@@ -325,16 +332,30 @@ def test_a_part_refused_for_good_goes_to_the_dead_letter_file_and_the_rest_arriv
     refused_keys = user_keys(refused)
     assert [e.user_key for e in caught.value.rejected] == refused_keys
     assert caught.value.failed == []
+    reason = f'webhook {webhook_server.url} answered HTTP 422: {{"error": "schema v2 expected"}}'
+    assert caught.value.reasons == [reason] * len(refused_keys)
     received = [e["userKey"] for e in webhook_server.events()]
     assert received == [e.user_key for e in events if e.user_key not in set(refused_keys)]
+    assert exporter.rejected_by_status == {"422": len(refused_keys)}
+
+    # Through the scheduler, the refused part goes to the dead-letter file, each event with
+    # the webhook's answer as its reason.
+    webhook_server.reset()
+    webhook_server.answer(200, Answer(422, b'{"error": "schema v2 expected"}'))
+    scheduler = schedulers(
+        exporter, flush_interval=3600, max_events_in_memory=len(events), dead_letters=dead
+    )
+    scheduler.add_events(events)
+    assert scheduler.flush(20)
+    refused = webhook_server.requests()[1]
     letters = [json.loads(line) for line in dead.read_text().splitlines()]
     assert [letter["event"] for letter in letters] == refused.json()["events"]
-    assert {letter["reason"] for letter in letters} == {
-        f'webhook {webhook_server.url} answered HTTP 422: {{"error": "schema v2 expected"}}'
-    }
+    assert {letter["reason"] for letter in letters} == {reason}
     assert {letter["exporter"] for letter in letters} == {"webhook"}
-    assert exporter.dead_lettered == len(refused_keys)
-    assert exporter.rejected_by_status == {"422": len(refused_keys)}
+    stats = scheduler.stats()
+    assert stats.dropped_by_reason == {"rejected": len(letters)}
+    assert stats.extra["dead_lettered"] == len(letters)
+    assert stats.exported == len(events) - len(letters)
 
 
 def test_a_413_lowers_the_body_limit_and_splits_until_the_server_takes_it(
@@ -355,10 +376,7 @@ def test_a_413_lowers_the_body_limit_and_splits_until_the_server_takes_it(
 def test_events_too_large_to_send_are_rejected_alone(
     webhook_server: WebhookServer, exporters: Callable[..., WebhookExporter], tmp_path: Path
 ) -> None:
-    dead = tmp_path / "dead.jsonl"
-    exporter = exporters(
-        endpointUrl=webhook_server.url, maxBodyBytes=4_096, deadLetterFile=str(dead)
-    )
+    exporter = exporters(endpointUrl=webhook_server.url, maxBodyBytes=4_096)
     small = sample_events(20, tracking_every=0)
     huge = FeatureEvent("user", "huge", 1, "f", "v", "x" * 5_000, False, "1", "SERVER")
     with pytest.raises(WebhookPartialExportError) as caught:
@@ -366,9 +384,11 @@ def test_events_too_large_to_send_are_rejected_alone(
     assert caught.value.rejected == [huge]
     assert caught.value.failed == []
     assert "larger than maxBodyBytes (4096 bytes)" in str(caught.value)
+    size = len(json.dumps(record(huge), separators=(",", ":")))
+    assert caught.value.reasons == [
+        f"event of {size} bytes does not fit in a body of maxBodyBytes (4096 bytes) even alone"
+    ]
     assert webhook_server.events() == records(small)
-    (letter,) = [json.loads(line) for line in dead.read_text().splitlines()]
-    assert letter["event"]["userKey"] == "huge"
 
     # Alone, it is refused for good; an event the server alone finds too large too.
     with pytest.raises(PermanentExportError):
@@ -462,12 +482,13 @@ def test_retry_after_as_an_http_date(
 def test_other_4xx_are_refused_for_good_with_an_excerpt_of_the_answer(
     webhook_server: WebhookServer,
     exporters: Callable[..., WebhookExporter],
+    schedulers: Callable[..., DataExporterScheduler],
     tmp_path: Path,
     status: int,
 ) -> None:
-    dead = tmp_path / "dead.jsonl"
-    exporter = exporters(endpointUrl=webhook_server.url, deadLetterFile=str(dead))
-    webhook_server.answer(Answer(status, b"invalid payload:\n  " + b"x" * 1_000))
+    exporter = exporters(endpointUrl=webhook_server.url)
+    answer = Answer(status, b"invalid payload:\n  " + b"x" * 1_000)
+    webhook_server.answer(answer, answer)
     events = sample_events(7)
     with pytest.raises(PermanentExportError) as caught:
         exporter.export(events)
@@ -477,6 +498,15 @@ def test_other_4xx_are_refused_for_good_with_an_excerpt_of_the_answer(
     excerpt = message[len(prefix) :]
     assert len(excerpt) <= 200
     assert excerpt.endswith("…")
+    assert isinstance(caught.value, WebhookRefusedError)
+    assert caught.value.rejected == events
+    assert caught.value.reasons == [message] * len(events)
+
+    # The scheduler keeps them in the dead-letter file with exactly that reason.
+    dead = tmp_path / "dead.jsonl"
+    scheduler = schedulers(exporter, max_events_in_memory=len(events), dead_letters=dead)
+    scheduler.add_events(events)
+    assert scheduler.flush(10)
     letters = [json.loads(line) for line in dead.read_text().splitlines()]
     assert [letter["event"] for letter in letters] == records(events)
     assert {letter["reason"] for letter in letters} == {message}
@@ -506,6 +536,44 @@ def test_a_refused_batch_is_dropped_and_counted_not_retried(
     assert (stats.exported, stats.retried) == (30, 0)
     assert [r.status for r in webhook_server.requests()] == [400, 200]
     assert 'answered HTTP 400: {"error":"bad"}' in caplog.text
+
+
+def test_refused_events_are_replayed_from_the_dead_letter_file_once_the_webhook_takes_them(
+    webhook_server: WebhookServer, tmp_path: Path
+) -> None:
+    # The relay's path: refused for good -> dead-letter file -> fix -> `flagsink replay`.
+    dead = tmp_path / "webhook.jsonl"
+    config = tmp_path / "relay.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "exporter": {
+                    "kind": "webhook",
+                    "endpointUrl": webhook_server.url,
+                    "secret": SECRET,
+                    "maxEventInMemory": 50,
+                    "deadLetterFile": str(dead),
+                }
+            }
+        )
+    )
+    events = sample_events(120, prefix="replayed", tracking_every=0)
+    webhook_server.answer(200, Answer(422, b'{"error": "schema v2 expected"}'), 200)
+    pipeline = from_config(config, exit_timeout=None)
+    pipeline.add_events(events)
+    assert pipeline.close(10)
+    refused = webhook_server.requests()[1].json()["events"]
+    assert len(refused) == 50
+    assert [json.loads(line)["event"] for line in dead.read_text().splitlines()] == refused
+
+    result = CliRunner().invoke(main, ["replay", "--config", str(config), str(dead)])
+    assert result.exit_code == 0, result.output
+    assert "replayed to exporter webhook: 50 delivered" in result.output
+    arrived = Counter(event["userKey"] for event in webhook_server.events())
+    assert arrived == Counter(event.user_key for event in events)  # each exactly once
+    assert all(signed(request) for request in webhook_server.requests())
+    assert not dead.exists()
+    assert list(tmp_path.glob("webhook.jsonl.*")) == []
 
 
 def test_a_redirect_is_not_followed_and_its_target_is_not_echoed_with_secrets(
@@ -611,10 +679,13 @@ def test_secrets_never_reach_logs_errors_or_reprs(
             endpointUrl=url,
             secret="hmac-s3cret-4",
             headers={"Authorization": secrets[0], "X-Multi": secrets[1:3]},
-            deadLetterFile=str(tmp_path / "dead.jsonl"),
         )
         scheduler = schedulers(
-            exporter, flush_interval=0.02, max_events_in_memory=10, retry_initial=0.01
+            exporter,
+            flush_interval=0.02,
+            max_events_in_memory=10,
+            retry_initial=0.01,
+            dead_letters=tmp_path / "dead.jsonl",
         )
         scheduler.add_events(sample_events(10))
         assert wait_until(lambda: scheduler.stats().dropped == 10, 10)
@@ -624,8 +695,17 @@ def test_secrets_never_reach_logs_errors_or_reprs(
             assert wait_until(lambda: scheduler.stats().failed_attempts >= 3, 10)
             errors.append(scheduler.stats().last_error or "")
     assert webhook_server.requests()[0].headers["authorization"] == secrets[0]  # it was sent
+    letters = (tmp_path / "dead.jsonl").read_text()
+    assert "answered HTTP 400: nope" in letters
     seen = "\n".join(
-        [caplog.text, *errors, repr(exporter.settings), repr(exporter), str(exporter.settings)]
+        [
+            caplog.text,
+            *errors,
+            letters,
+            repr(exporter.settings),
+            repr(exporter),
+            str(exporter.settings),
+        ]
     )
     assert "answered HTTP 400: nope" in seen
     assert "unreachable" in seen
@@ -677,14 +757,23 @@ def test_meta_must_leave_room_for_events() -> None:
         WebhookExporter(endpointUrl="http://x.invalid", maxBodyBytes=1024, meta={"m": "x" * 900})
 
 
-def test_an_unwritable_dead_letter_file_is_refused_at_start(tmp_path: Path) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    with pytest.raises(SettingsError) as caught:
-        WebhookExporter(endpointUrl="http://x.invalid", deadLetterFile=str(blocker / "dead"))
-    assert caught.value.field == "deadLetterFile"
-    with pytest.raises(SettingsError, match="is a directory"):
-        WebhookExporter(endpointUrl="http://x.invalid", deadLetterFile=str(tmp_path))
+def test_dead_letter_file_is_a_common_key_not_a_webhook_setting() -> None:
+    # The scheduler writes dead letters for every exporter: the key is read with the
+    # other common keys (flushInterval, name, ...), not by the webhook's settings.
+    config = parse_config(
+        {
+            "exporter": {
+                "kind": "webhook",
+                "endpointUrl": "https://example.com/hook",
+                "deadLetterFile": "/var/lib/flagsink/webhook.jsonl",
+            }
+        }
+    )
+    (section,) = config.exporters
+    assert section.scheduling.dead_letter_file == "/var/lib/flagsink/webhook.jsonl"
+    assert "dead_letter_file" not in type(section.settings).model_fields
+    with pytest.raises(ValidationError, match="deadLetterFile"):
+        WebhookExporter(endpointUrl="https://example.com/hook", deadLetterFile="/x.jsonl")
 
 
 # -- the docs say what the code does -------------------------------------------------------

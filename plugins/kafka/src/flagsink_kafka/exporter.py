@@ -21,7 +21,6 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from flagsink.deadletter import DeadLetterFile
 from flagsink.event import Event
 from flagsink.exporter import Exporter, ExportError, PartialExportError, SettingsError
 from flagsink.exporters.records import encode_records, key_renderer
@@ -32,7 +31,8 @@ __all__ = ["KafkaExporter"]
 logger = logging.getLogger("flagsink.kafka")
 librdkafka_logger = logging.getLogger("flagsink.kafka.librdkafka")
 
-#: Delivery errors no retry can fix: the message is rejected (logged, counted, dead-lettered).
+#: Delivery errors no retry can fix: the message is rejected (logged, counted, and kept by
+#: the scheduler in the exporter's dead-letter file with the error's name and message).
 REJECT_CODES = frozenset(
     {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE, KafkaError.INVALID_RECORD}
 )
@@ -99,11 +99,6 @@ class KafkaExporter(Exporter[KafkaSettings]):
             kind: [("kind", kind.encode()), *extra] for kind in ("feature", "tracking")
         }
         self._extra_headers = extra
-        self._dead_letters = (
-            DeadLetterFile(self.settings.dead_letter_file, exporter=self.kind)
-            if self.settings.dead_letter_file
-            else None
-        )
         #: Counters: ``delivered``, ``failed`` (handed back for a retry), ``rejected``,
         #: ``possibly_written`` (failed messages that may have been written all the same:
         #: the bound on duplicates), ``producer_restarts``.
@@ -231,6 +226,7 @@ class KafkaExporter(Exporter[KafkaSettings]):
             self._scrub(f"kafka topic {self.topic}: " + ", ".join(parts)),
             failed=failed,
             rejected=[event for event, _ in rejected],
+            reasons=[self._scrub(reason) for _, reason in rejected],
         )
 
     def _settle(self, batch: _Batch) -> tuple[list[Event], str]:
@@ -345,19 +341,15 @@ class KafkaExporter(Exporter[KafkaSettings]):
         return [("kind", kind.encode()), *self._extra_headers]
 
     def _reject(self, rejected: list[tuple[Event, str]]) -> None:
-        by_reason: dict[str, list[Event]] = {}
-        for event, reason in rejected:
-            by_reason.setdefault(reason, []).append(event)
-        for reason, events in by_reason.items():
+        """Log the refused messages, per reason (the scheduler dead-letters them)."""
+        counts = Counter(reason for _, reason in rejected)
+        for reason, count in counts.items():
             logger.error(
-                "kafka topic %s: %d events rejected for good: %s%s",
+                "kafka topic %s: %d events rejected for good: %s",
                 self.topic,
-                len(events),
-                reason,
-                f" (written to {self._dead_letters.path})" if self._dead_letters else "",
+                count,
+                self._scrub(reason),
             )
-            if self._dead_letters is not None:
-                self._dead_letters.keep(events, reason)
 
     # -- close ---------------------------------------------------------------------------
 

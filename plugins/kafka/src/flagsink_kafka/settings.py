@@ -220,8 +220,3 @@ class KafkaSettings(ExporterSettings):
         description="Message value format: `json`, the only one (as in GO Feature Flag); "
         "accepted so that GO Feature Flag configs load unchanged.",
     )
-    dead_letter_file: str | None = Field(
-        None,
-        description="JSON lines file where events the brokers refuse for good (too large, "
-        "invalid) are appended with the reason; unset: they are only logged and counted.",
-    )

@@ -8,7 +8,8 @@ one key keep their order). Kinesis answers per record: the records it refused
 (throttling, internal failures) are reported back to the scheduler as
 ``PartialExportError.failed`` and retried alone, in order; the others are never sent
 twice. A record over 1 MiB (data + partition key) can never be accepted: it is rejected,
-counted, logged and, with ``deadLetterFile``, written there with the reason.
+counted, logged and handed back as ``PartialExportError.rejected`` with its reason, which
+the scheduler writes to the exporter's ``deadLetterFile``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from typing import Any
 
 from botocore import exceptions as boto  # type: ignore[import-untyped]
 
-from flagsink.deadletter import DeadLetterFile
 from flagsink.event import Event
 from flagsink.exporter import Exporter, ExportError, PartialExportError, SettingsError
 from flagsink.exporters.records import encode_records, key_renderer
@@ -121,9 +121,6 @@ class KinesisExporter(Exporter[KinesisSettings]):
             self._render_hash_key = key_renderer(
                 settings.explicit_hash_key, setting="explicitHashKey"
             )
-        self._dead_letters: DeadLetterFile | None = None
-        if settings.dead_letter_file is not None:
-            self._dead_letters = DeadLetterFile(settings.dead_letter_file, exporter=self.kind)
         #: What this exporter did so far: ``requests`` (PutRecords calls), ``records_sent``,
         #: ``records_failed`` (refused by Kinesis, handed back for retry) and
         #: ``rejected_<reason>`` (``too_large``, ``unencodable``, ``hash_key``).
@@ -219,7 +216,10 @@ class KinesisExporter(Exporter[KinesisSettings]):
         if error is not None and sent == 0 and not rejected:
             raise ExportError(message) from error
         raise PartialExportError(
-            message, failed=failed, rejected=[event for event, _, _ in rejected]
+            message,
+            failed=failed,
+            rejected=[event for event, _, _ in rejected],
+            reasons=[reason for _, _, reason in rejected],
         )
 
     def _put_all(
@@ -267,8 +267,6 @@ class KinesisExporter(Exporter[KinesisSettings]):
             total,
             _summary(rejected),
         )
-        if self._dead_letters is not None:
-            self._dead_letters.keep_by_reason((event, reason) for event, _, reason in rejected)
 
     # -- errors ---------------------------------------------------------------------------
 

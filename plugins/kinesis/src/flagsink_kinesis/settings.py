@@ -73,12 +73,6 @@ class KinesisSettings(ExporterSettings):
         "endpoint), e.g. `http://127.0.0.1:4566` (default: AWS, or boto3's "
         "`AWS_ENDPOINT_URL_KINESIS` / `AWS_ENDPOINT_URL`).",
     )
-    dead_letter_file: str | None = Field(
-        None,
-        description="JSON lines file where events rejected for good (over 1 MiB, invalid "
-        "`explicitHashKey`) are appended with the reason (default: they are only logged "
-        "and counted).",
-    )
 
     @field_validator("stream_arn")
     @classmethod
@@ -129,13 +123,6 @@ class KinesisSettings(ExporterSettings):
                 f"{url!r} must be an http:// or https:// URL such as `http://127.0.0.1:4566`"
             )
         return url
-
-    @field_validator("dead_letter_file")
-    @classmethod
-    def _valid_path(cls, path: str | None) -> str | None:
-        if path is not None and not path.strip():
-            raise ValueError("must not be empty")
-        return path
 
     @model_validator(mode="after")
     def _one_stream(self) -> KinesisSettings:

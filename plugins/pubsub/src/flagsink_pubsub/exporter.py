@@ -4,7 +4,8 @@ worker thread.
 Each export publishes every event at once through one long-lived ``PublisherClient``,
 which packs the messages into batched publish requests, then waits (bounded) for every
 message's future. Only the messages whose future failed go back to the scheduler for a
-retry; messages Pub/Sub can never accept are rejected, counted and logged.
+retry; messages Pub/Sub can never accept are rejected, counted and logged, and handed back
+with their reason, which the scheduler writes to the exporter's ``deadLetterFile``.
 
 With ``orderingKey`` the publisher orders messages per key. A failed publish then pauses
 its key (later messages of that key fail without being sent, so none overtakes it); the
@@ -26,7 +27,6 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from flagsink.deadletter import DeadLetterFile
 from flagsink.event import Event
 from flagsink.exporter import Exporter, ExportError, PartialExportError, SettingsError
 from flagsink.exporters.records import encode_records, key_renderer
@@ -81,9 +81,16 @@ _REASONS = {
 
 
 class _Rejected(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
+    """A message Pub/Sub can never accept: ``reason`` is its counter, ``detail`` says why."""
+
+    def __init__(self, reason: str, detail: str | None = None) -> None:
+        super().__init__(detail or _REASONS[reason])
         self.reason = reason
+        self.detail = detail or _REASONS[reason]
+
+
+# A rejected event, its counter (a key of _REASONS), and why (for the dead-letter file).
+_Refused = tuple[Event, str, str]
 
 
 Attributes = Callable[[Event], dict[str, str]]
@@ -94,7 +101,7 @@ _PENDING, _PUBLISHED, _FAILED, _REJECTED = range(4)
 class _Sent:
     """One message handed to the publisher, and what became of it."""
 
-    __slots__ = ("attributes", "data", "event", "future", "key", "state")
+    __slots__ = ("attributes", "data", "event", "future", "key", "reason", "state")
 
     def __init__(
         self,
@@ -110,6 +117,7 @@ class _Sent:
         self.attributes = attributes
         self.future = future
         self.state = _PENDING
+        self.reason = ""  # why Pub/Sub refused it, once _REJECTED
 
 
 class _Outcome:
@@ -155,11 +163,6 @@ class PubSubExporter(Exporter[PubSubSettings]):
         self._credentials: Credentials | None = None
         if config.credentials_file is not None:
             self._credentials = _load_credentials(config.credentials_file)
-        self._dead_letters = (
-            DeadLetterFile(config.dead_letter_file, self.kind)
-            if config.dead_letter_file is not None
-            else None
-        )
         self._publisher: Any = None
         self._gapic: Any = None
         self._lock = threading.Lock()
@@ -272,9 +275,9 @@ class PubSubExporter(Exporter[PubSubSettings]):
         """Publish every event; raise for exactly the ones not delivered."""
         publisher = self.publisher
         records, unencodable = encode_records(events)
-        rejected: dict[str, list[Event]] = {}
-        if unencodable:
-            rejected[UNENCODABLE] = unencodable
+        rejected: list[_Refused] = [
+            (event, UNENCODABLE, _REASONS[UNENCODABLE]) for event in unencodable
+        ]
         topic = self.topic_path
         ordering_key = self._ordering_key
         attributes = self._attributes
@@ -288,23 +291,31 @@ class PubSubExporter(Exporter[PubSubSettings]):
             attrs: dict[str, str] = {}
             try:
                 if len(data) > MAX_BATCH_BYTES:
-                    raise _Rejected(TOO_LARGE)
+                    raise _Rejected(
+                        TOO_LARGE,
+                        f"message of {len(data)} bytes over Pub/Sub's {MAX_BATCH_BYTES} byte limit",
+                    )
                 if ordering_key is not None:
                     key = ordering_key(event)
-                    if len(key) * 4 > MAX_ORDERING_KEY_BYTES and (
-                        len(key.encode("utf-8", "surrogatepass")) > MAX_ORDERING_KEY_BYTES
+                    if (
+                        len(key) * 4 > MAX_ORDERING_KEY_BYTES
+                        and (size := len(key.encode("utf-8", "surrogatepass")))
+                        > MAX_ORDERING_KEY_BYTES
                     ):
-                        raise _Rejected(ORDERING_KEY_TOO_LONG)
+                        raise _Rejected(
+                            ORDERING_KEY_TOO_LONG,
+                            f"ordering key of {size} bytes over {MAX_ORDERING_KEY_BYTES} bytes",
+                        )
                 attrs = attributes(event)
                 future = publisher.publish(topic, data, ordering_key=key, **attrs)
             except _Rejected as exc:
-                rejected.setdefault(exc.reason, []).append(event)
+                rejected.append((event, exc.reason, exc.detail))
                 continue
-            except MessageTooLargeError:
-                rejected.setdefault(TOO_LARGE, []).append(event)
+            except MessageTooLargeError as exc:
+                rejected.append((event, TOO_LARGE, f"{_REASONS[TOO_LARGE]}: {_describe(exc)}"))
                 continue
-            except (TypeError, ValueError):  # the client cannot build this message
-                rejected.setdefault(INVALID, []).append(event)
+            except (TypeError, ValueError) as exc:  # the client cannot build this message
+                rejected.append((event, INVALID, f"{_REASONS[INVALID]}: {_describe(exc)}"))
                 continue
             except (RuntimeError, AssertionError) as exc:
                 # RuntimeError: the publisher is stopped. AssertionError: the ordered
@@ -326,10 +337,13 @@ class PubSubExporter(Exporter[PubSubSettings]):
         if failed and len(failed) == len(events):
             raise ExportError(message) from first_error
         raise PartialExportError(
-            message, failed=failed, rejected=[e for group in rejected.values() for e in group]
+            message,
+            failed=failed,
+            rejected=[event for event, _, _ in rejected],
+            reasons=[detail for _, _, detail in rejected],
         ) from first_error
 
-    def _collect(self, sent: list[_Sent], rejected: dict[str, list[Event]]) -> _Outcome:
+    def _collect(self, sent: list[_Sent], rejected: list[_Refused]) -> _Outcome:
         """Wait for the futures; the events that failed (in order) and the first error."""
         from google.api_core import exceptions as api  # noqa: PLC0415
 
@@ -363,7 +377,7 @@ class PubSubExporter(Exporter[PubSubSettings]):
             elif item.state == _FAILED:
                 outcome.failed.append(item.event)
             else:
-                rejected.setdefault(INVALID, []).append(item.event)
+                rejected.append((item.event, INVALID, item.reason))
         self.published += outcome.published
         if pending:
             self.unresolved += len(pending)
@@ -414,6 +428,7 @@ class PubSubExporter(Exporter[PubSubSettings]):
                 )
             except api.InvalidArgument as exc:
                 item.state = _REJECTED
+                item.reason = f"Pub/Sub refused the message: {_describe(exc)}"
                 logger.error(  # the flag's key, never the user's (it may be personal)
                     "pubsub %s: the message of a %s event for %r was refused: %s",
                     self.topic_path,
@@ -439,33 +454,32 @@ class PubSubExporter(Exporter[PubSubSettings]):
                 continue
             self.resumed_keys += 1
 
-    def _reject(self, rejected: dict[str, list[Event]], total: int) -> None:
-        for reason, group in rejected.items():
-            self.rejected[reason] += len(group)
+    def _reject(self, rejected: list[_Refused], total: int) -> None:
+        """Count and log the refused events, per reason (the scheduler dead-letters them)."""
+        counts = Counter(reason for _, reason, _ in rejected)
+        for reason, count in counts.items():
+            self.rejected[reason] += count
             logger.error(
-                "pubsub %s: %d of %d events rejected for good (%s)%s",
+                "pubsub %s: %d of %d events rejected for good (%s)",
                 self.topic_path,
-                len(group),
+                count,
                 total,
                 _REASONS[reason],
-                f"; written to {self._dead_letters.path}" if self._dead_letters else "",
             )
-            if self._dead_letters is not None:
-                self._dead_letters.keep(group, _REASONS[reason])
 
     def _summary(
         self,
         total: int,
         failed: list[Event],
         error: BaseException | None,
-        rejected: dict[str, list[Event]],
+        rejected: list[_Refused],
     ) -> str:
         parts = []
         if failed:
             cause = f": {_describe(error)}{self._hint(error)}" if error is not None else ""
             parts.append(f"{len(failed)} of {total} messages not published{cause}")
-        for reason, group in rejected.items():
-            parts.append(f"{len(group)} rejected ({_REASONS[reason]})")
+        for reason, count in Counter(reason for _, reason, _ in rejected).items():
+            parts.append(f"{count} rejected ({_REASONS[reason]})")
         return f"pubsub {self.topic_path}: " + "; ".join(parts)
 
     def _hint(self, error: BaseException) -> str:
@@ -539,10 +553,16 @@ def _attribute_renderer(config: PubSubSettings) -> Attributes:
         attributes = dict(constant)
         for name, template in templated:
             value = template(event)
-            if len(value) * 4 > MAX_ATTRIBUTE_VALUE_BYTES and (
-                len(value.encode("utf-8", "surrogatepass")) > MAX_ATTRIBUTE_VALUE_BYTES
+            if (
+                len(value) * 4 > MAX_ATTRIBUTE_VALUE_BYTES
+                and (size := len(value.encode("utf-8", "surrogatepass")))
+                > MAX_ATTRIBUTE_VALUE_BYTES
             ):
-                raise _Rejected(ATTRIBUTE_TOO_LONG)
+                raise _Rejected(
+                    ATTRIBUTE_TOO_LONG,
+                    f"attribute {name!r}: value of {size} bytes over "
+                    f"{MAX_ATTRIBUTE_VALUE_BYTES} bytes",
+                )
             attributes[name] = value
         return attributes
 

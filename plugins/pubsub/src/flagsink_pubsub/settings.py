@@ -131,13 +131,6 @@ class PubSubSettings(ExporterSettings):
         "`europe-west1-pubsub.googleapis.com:443`. Default: the global endpoint. "
         "`PUBSUB_EMULATOR_HOST` takes precedence.",
     )
-    dead_letter_file: str | None = Field(
-        None,
-        description="JSON lines file where events Pub/Sub can never accept (over 10 MB, "
-        "an attribute or ordering key over its limit, a message refused as invalid) are "
-        "appended with the reason, to be inspected and sent again. They are counted and "
-        "logged either way.",
-    )
 
     @field_validator("project_id")
     @classmethod
@@ -193,7 +186,7 @@ class PubSubSettings(ExporterSettings):
         key_renderer(template, setting="orderingKey")
         return template
 
-    @field_validator("credentials_file", "dead_letter_file", "endpoint")
+    @field_validator("credentials_file", "endpoint")
     @classmethod
     def _non_empty(cls, value: str | None) -> str | None:
         if value is not None and not value.strip():

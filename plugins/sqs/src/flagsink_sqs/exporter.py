@@ -5,8 +5,9 @@ message attribute. A batch handed over by the scheduler goes out in ``SendMessag
 requests of at most 10 messages and ``maxMessageSize`` bytes (256 KiB by default), a few
 at a time for a standard queue, one after the other for a FIFO queue. SQS answers per
 message: the entries it lists as ``Failed`` are retried alone when the fault is its own,
-and rejected (counted, logged with the code, dead-lettered) when it is the sender's
-(``SenderFault``), since sending them again cannot help.
+and rejected (counted, logged with the code, and handed back with the code and message
+as their reason, which the scheduler writes to the exporter's ``deadLetterFile``) when it
+is the sender's (``SenderFault``), since sending them again cannot help.
 
 FIFO queues get a ``MessageGroupId`` (the user key by default) and a
 ``MessageDeduplicationId`` that is the SHA-256 of the body: a message sent again after
@@ -17,17 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+from queue import SimpleQueue
 from typing import Any
 
 from botocore import exceptions as boto  # type: ignore[import-untyped]
 
-from flagsink.deadletter import DeadLetterFile
 from flagsink.event import Event
 from flagsink.exporter import Exporter, ExportError, PartialExportError, SettingsError
 from flagsink.exporters.records import encode_records, key_renderer
@@ -150,11 +152,8 @@ class SqsExporter(Exporter[SqsSettings]):
             # SQS counts attribute names, types and values in the message size.
             self._attribute_bytes = len(_EMITTER) + len("String") + len(settings.emitter.encode())
         self._concurrency = 1 if self.fifo else settings.concurrent_requests
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: _Senders | None = None
         self._pool_lock = threading.Lock()
-        self._dead_letters: DeadLetterFile | None = None
-        if settings.dead_letter_file is not None:
-            self._dead_letters = DeadLetterFile(settings.dead_letter_file, exporter=self.kind)
         #: What this exporter did so far: ``requests`` (SendMessageBatch calls),
         #: ``messages_sent``, ``messages_failed`` (refused by SQS, handed back for retry)
         #: and ``rejected_<reason>`` (``too_large``, ``unencodable``, ``sender_fault``).
@@ -224,7 +223,10 @@ class SqsExporter(Exporter[SqsSettings]):
         if error is not None and sent == 0 and not rejected:
             raise ExportError(message) from error
         raise PartialExportError(
-            message, failed=failed, rejected=[event for event, _, _ in rejected]
+            message,
+            failed=failed,
+            rejected=[event for event, _, _ in rejected],
+            reasons=[reason for _, _, reason in rejected],
         )
 
     def _prepare(
@@ -336,12 +338,10 @@ class SqsExporter(Exporter[SqsSettings]):
                 outcome.codes["NoResult"] += 1
         return outcome
 
-    def _executor(self) -> ThreadPoolExecutor:
+    def _executor(self) -> _Senders:
         with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    max_workers=self._concurrency, thread_name_prefix="flagsink-sqs"
-                )
+            if self._pool is None or not self._pool.usable:
+                self._pool = _Senders(self._concurrency, "flagsink-sqs")
             return self._pool
 
     def _reject(self, rejected: list[tuple[Event, str, str]], total: int) -> None:
@@ -354,8 +354,6 @@ class SqsExporter(Exporter[SqsSettings]):
             total,
             _summary(rejected),
         )
-        if self._dead_letters is not None:
-            self._dead_letters.keep_by_reason((event, reason) for event, _, reason in rejected)
 
     # -- errors ---------------------------------------------------------------------------
 
@@ -404,11 +402,64 @@ class SqsExporter(Exporter[SqsSettings]):
         with self._pool_lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown()
         if self._owns_client:
             close = getattr(self.client, "close", None)
             if close is not None:
                 close()
+
+
+_Chunk = list[_Pending]
+_Task = tuple[Callable[[_Chunk], _Outcome], _Chunk, Future[_Outcome]]
+
+
+class _Senders:
+    """The threads that send a batch's requests concurrently: daemon threads, fed from a
+    queue. Not a ``ThreadPoolExecutor``: the interpreter joins those workers at exit, so
+    a request hung on an unresponsive endpoint would hold the process (a SIGTERM'd relay)
+    for the client's full timeouts and retries, long past any close deadline. A daemon
+    thread stuck in such a request lets the process exit; the scheduler accounts for the
+    events it was sending."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self._tasks: SimpleQueue[_Task | None] = SimpleQueue()
+        self._pid = os.getpid()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"{name}-{index}", daemon=True)
+            for index in range(size)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def usable(self) -> bool:
+        """False in a forked child: the threads stayed in the parent."""
+        return os.getpid() == self._pid
+
+    def map(
+        self, function: Callable[[_Chunk], _Outcome], items: Iterable[_Chunk]
+    ) -> list[_Outcome]:
+        """``function`` applied to every item on the threads; results in order."""
+        futures: list[Future[_Outcome]] = []
+        for item in items:
+            future: Future[_Outcome] = Future()
+            self._tasks.put((function, item, future))
+            futures.append(future)
+        return [future.result() for future in futures]
+
+    def _run(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            function, item, future = task
+            try:
+                future.set_result(function(item))
+            except BaseException as exc:
+                future.set_exception(exc)
+            del task, function, item, future
+
+    def shutdown(self) -> None:
+        """Let every thread end once idle (none is waited for)."""
+        for _ in self._threads:
+            self._tasks.put(None)
 
 
 def _chunks(sizes: Sequence[int], limit: int) -> Iterator[tuple[int, int]]:

@@ -111,12 +111,6 @@ class SqsSettings(ExporterSettings):
         description="SendMessageBatch requests in flight at once for a standard queue "
         "(FIFO queues: always 1, to keep each group's order).",
     )
-    dead_letter_file: str | None = Field(
-        None,
-        description="JSON lines file where events rejected for good (too large, or "
-        "refused by SQS as the sender's fault) are appended with the reason (default: "
-        "they are only logged and counted).",
-    )
 
     @field_validator("queue_url")
     @classmethod
@@ -168,13 +162,6 @@ class SqsSettings(ExporterSettings):
                 raise ValueError("must not be empty")
             key_renderer(template, setting="messageGroupId")
         return template
-
-    @field_validator("dead_letter_file")
-    @classmethod
-    def _valid_path(cls, path: str | None) -> str | None:
-        if path is not None and not path.strip():
-            raise ValueError("must not be empty")
-        return path
 
     @property
     def fifo(self) -> bool:

@@ -14,6 +14,7 @@ from flagsink_webhook.exporter import (
     WebhookExporter,
     WebhookExportError,
     WebhookPartialExportError,
+    WebhookRefusedError,
     sign,
 )
 from flagsink_webhook.settings import DEFAULT_MAX_BODY_BYTES, WebhookSettings
@@ -24,6 +25,7 @@ __all__ = [
     "WebhookExportError",
     "WebhookExporter",
     "WebhookPartialExportError",
+    "WebhookRefusedError",
     "WebhookSettings",
     "sign",
 ]

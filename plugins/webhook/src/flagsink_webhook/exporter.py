@@ -7,19 +7,16 @@ import email.utils
 import hashlib
 import hmac
 import logging
-import os
 import socket
 import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
 import httpx
 import msgspec
 
-from flagsink.deadletter import DeadLetterFile
 from flagsink.event import Event
 from flagsink.exporter import (
     Exporter,
@@ -35,6 +32,7 @@ __all__ = [
     "WebhookExportError",
     "WebhookExporter",
     "WebhookPartialExportError",
+    "WebhookRefusedError",
     "sign",
 ]
 
@@ -82,7 +80,8 @@ class WebhookExportError(ExportError):
 
 class WebhookPartialExportError(PartialExportError):
     """Some requests of a split batch failed: only their events are retried (``failed``)
-    or dropped (``rejected``); ``retry_after`` as in :class:`WebhookExportError`."""
+    or dropped (``rejected``, each with its reason in ``reasons``); ``retry_after`` as in
+    :class:`WebhookExportError`."""
 
     def __init__(
         self,
@@ -90,10 +89,18 @@ class WebhookPartialExportError(PartialExportError):
         *,
         failed: Sequence[Event] = (),
         rejected: Sequence[Event] = (),
+        reasons: Sequence[str] | None = None,
         retry_after: float | None = None,
     ) -> None:
-        super().__init__(message, failed=failed, rejected=rejected)
+        super().__init__(message, failed=failed, rejected=rejected, reasons=reasons)
         self.retry_after = retry_after
+
+
+class WebhookRefusedError(WebhookPartialExportError, PermanentExportError):
+    """The webhook refused every event of the batch for good (a 4xx other than 408, 413
+    and 429, or events that can never be sent). A :class:`PermanentExportError` that also
+    carries each event's reason (``rejected``, ``reasons``), so the dead-letter file keeps
+    the exact answer for each event."""
 
 
 Record = tuple[Event, bytes]
@@ -103,8 +110,9 @@ class WebhookExporter(Exporter[WebhookSettings]):
     """POSTs each batch as ``{"meta": {...}, "events": [...]}`` to ``endpointUrl``.
 
     Batches larger than ``maxBodyBytes`` are split over several requests; when some of them
-    fail, only their events are retried (or rejected). Counters: :attr:`requests`,
-    :attr:`rejected_by_status`, :attr:`dead_lettered`.
+    fail, only their events are retried (or rejected, each with the reason, which the
+    scheduler keeps in the exporter's ``deadLetterFile``). Counters: :attr:`requests`,
+    :attr:`rejected_by_status`.
     """
 
     kind = "webhook"
@@ -135,13 +143,8 @@ class WebhookExporter(Exporter[WebhookSettings]):
         self._secret = s.secret.get_secret_value().encode() if s.secret else b""
         #: Current body limit: ``maxBodyBytes``, lowered when the server answers 413.
         self.max_body_bytes = s.max_body_bytes
-        self.dead_letters: DeadLetterFile | None = None
-        if s.dead_letter_file is not None:
-            self.dead_letters = DeadLetterFile(s.dead_letter_file, self.kind)
-            _check_writable(self.dead_letters.path)
         self.requests = 0
         self.rejected_by_status: Counter[str] = Counter()
-        self.dead_lettered = 0
         headers = [
             (name, item.get_secret_value())
             for name, value in s.headers.items()
@@ -171,9 +174,10 @@ class WebhookExporter(Exporter[WebhookSettings]):
         """POST ``events`` in as few requests as ``maxBodyBytes`` allows.
 
         Raises :class:`WebhookExportError` when nothing was delivered and everything can be
-        retried, :class:`PermanentExportError` when everything was refused for good, and
-        :class:`WebhookPartialExportError` naming exactly the failed and refused events
-        otherwise.
+        retried, :class:`WebhookRefusedError` (a :class:`PermanentExportError`) when
+        everything was refused for good, and :class:`WebhookPartialExportError` naming
+        exactly the failed and refused events otherwise; refused events come with a reason
+        each (``reasons``).
         """
         report = _Report()
         records = self._sendable(events, report)
@@ -184,11 +188,14 @@ class WebhookExporter(Exporter[WebhookSettings]):
         if not report.delivered and not report.rejected:
             raise WebhookExportError(message, status=report.status, retry_after=report.retry_after)
         if not report.failed and len(report.rejected) == len(events):
-            raise PermanentExportError(message)
+            raise WebhookRefusedError(
+                message, rejected=report.rejected, reasons=report.rejected_reasons
+            )
         raise WebhookPartialExportError(
             f"{report.delivered} of {len(events)} events delivered; {message}",
             failed=report.failed,
             rejected=report.rejected,
+            reasons=report.rejected_reasons,
             retry_after=report.retry_after,
         )
 
@@ -197,16 +204,26 @@ class WebhookExporter(Exporter[WebhookSettings]):
         records, unencodable = self._records(events)
         if unencodable:
             report.reject(
-                unencodable, f"{len(unencodable)} events have values that cannot be encoded"
+                unencodable,
+                f"{len(unencodable)} events have values that cannot be encoded",
+                ["a value cannot be encoded as JSON"] * len(unencodable),
             )
         room = self.max_body_bytes - len(self._prefix) - len(self._suffix)
         if any(len(data) > room for _, data in records):
-            oversize = [event for event, data in records if len(data) > room]
+            limit = self.max_body_bytes
+            oversize = [(event, len(data)) for event, data in records if len(data) > room]
             reason = (
-                f"{len(oversize)} events are larger than maxBodyBytes "
-                f"({self.max_body_bytes} bytes) even alone"
+                f"{len(oversize)} events are larger than maxBodyBytes ({limit} bytes) even alone"
             )
-            report.reject(self._refuse(oversize, reason), reason)
+            report.reject(
+                self._refuse([event for event, _ in oversize], reason),
+                reason,
+                [
+                    f"event of {size} bytes does not fit in a body of maxBodyBytes "
+                    f"({limit} bytes) even alone"
+                    for _, size in oversize
+                ],
+            )
             records = [record for record in records if len(record[1]) <= room]
         return records
 
@@ -319,15 +336,8 @@ class WebhookExporter(Exporter[WebhookSettings]):
         return _Outcome(status, retryable=retryable, retry_after=retry_after, message=message)
 
     def _refuse(self, events: list[Event], reason: str) -> list[Event]:
-        """Log refused events and keep them in the dead-letter file, if one is set."""
-        kept = ""
-        if self.dead_letters is not None:
-            try:
-                self.dead_lettered += self.dead_letters.write(events, reason)
-                kept = f"; kept in {self.dead_letters.path}"
-            except OSError as exc:
-                kept = f"; could NOT be written to {self.dead_letters.path}: {exc}"
-        logger.error("webhook %s: %d events refused: %s%s", self.where, len(events), reason, kept)
+        """Log refused events (the scheduler keeps them in the dead-letter file)."""
+        logger.error("webhook %s: %d events refused: %s", self.where, len(events), reason)
         return events
 
 
@@ -338,12 +348,18 @@ class _Report:
         self.delivered = 0
         self.failed: list[Event] = []
         self.rejected: list[Event] = []
+        self.rejected_reasons: list[str] = []  # one per rejected event
         self.reasons: list[str] = []
         self.status: int | None = None
         self.retry_after: float | None = None
 
-    def reject(self, events: Sequence[Event], reason: str) -> None:
+    def reject(
+        self, events: Sequence[Event], reason: str, each: Sequence[str] | None = None
+    ) -> None:
+        """Refuse ``events`` for ``reason`` (the batch's summary); ``each``: a reason per
+        event for the dead-letter file (default: ``reason``)."""
         self.rejected.extend(events)
+        self.rejected_reasons.extend(each if each is not None else [reason] * len(events))
         self.reasons.append(reason)
 
 
@@ -427,19 +443,6 @@ def _retry_after(value: str | None) -> float | None:
     if when.tzinfo is None:
         return None
     return max(when.timestamp() - time.time(), 0.0)
-
-
-def _check_writable(path: Path) -> None:
-    directory = path.parent
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SettingsError("deadLetterFile", f"cannot create {directory}: {exc}") from None
-    if path.is_dir():
-        raise SettingsError("deadLetterFile", f"{path} is a directory")
-    target = path if path.exists() else directory
-    if not os.access(target, os.W_OK):
-        raise SettingsError("deadLetterFile", f"{target} is not writable")
 
 
 def _user_agent() -> str:

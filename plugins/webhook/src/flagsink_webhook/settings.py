@@ -74,12 +74,6 @@ class WebhookSettings(ExporterSettings):
         "requests (default 5 MiB, the relay's own limit). An event that alone exceeds it is "
         "rejected.",
     )
-    dead_letter_file: str | None = Field(
-        None,
-        description="JSON lines file where batches the webhook refused for good (a 4xx other "
-        "than 408, 413 and 429) are kept, with the reason (default: they are only logged and "
-        "counted).",
-    )
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():
@@ -128,13 +122,6 @@ class WebhookSettings(ExporterSettings):
                     raise ValueError(
                         f"the value of {name} must be printable ASCII (no line breaks)"
                     )
-        return value
-
-    @field_validator("dead_letter_file")
-    @classmethod
-    def _not_blank(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
-            raise ValueError("must be a file path (leave the key out for no dead-letter file)")
         return value
 
 
