@@ -15,6 +15,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from flagsink.template import Template, TemplateError
@@ -26,6 +27,7 @@ __all__ = [
     "ObjectNamer",
     "check_relative_path",
     "hostname",
+    "with_suffix",
 ]
 
 DEFAULT_FILENAME = "flag-variation-{{ .Hostname}}-{{ .Timestamp}}.{{ .Format}}"
@@ -101,6 +103,18 @@ class ObjectNamer:
             if len(self._used) > REMEMBERED:
                 del self._used[next(iter(self._used))]
         return with_suffix(base, sequence, self.extension)
+
+    def candidates(self, moment: float) -> Iterator[str]:
+        """The names for a batch formed at ``moment``, in a fixed order: the template
+        rendered for ``moment``, then ``-1``, ``-2`` ... Unlike :meth:`next_name` nothing
+        is remembered, so a batch retried (even by another process) walks the same names
+        and finds the object an earlier attempt wrote."""
+        base = self.render_base(moment)
+        check_relative_path(base, setting=self.setting)
+        sequence = 0
+        while True:
+            yield with_suffix(base, sequence, self.extension)
+            sequence += 1
 
 
 def with_suffix(name: str, sequence: int, extension: str) -> str:

@@ -6,6 +6,12 @@ moves on to the next free ``-N`` name. Up to 2 MiB goes up in one request; a lar
 is read from the spooled file 2 MiB at a time and staged as blocks, which one final call
 commits. Staged blocks stay invisible until that commit, and the service discards them
 (within a week) if it never comes, so a failed upload leaves no blob behind.
+
+Batches from the scheduler are idempotent: each blob carries the batch id as metadata
+``flagsinkbatch`` (Azure metadata names are C# identifiers: no ``-``), and a
+``BlobAlreadyExists`` is followed by a Get Blob Properties that tells this batch's earlier,
+already stored upload (nothing is uploaded again) from another writer's blob (the next name
+is tried).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from collections.abc import Mapping
 from typing import Any, BinaryIO, ClassVar
 from urllib.parse import urlsplit
 
@@ -22,6 +29,7 @@ from azure.core.exceptions import (
     ClientAuthenticationError,
     HttpResponseError,
     ResourceExistsError,
+    ResourceNotFoundError,
     ServiceRequestError,
     ServiceResponseError,
 )
@@ -35,7 +43,12 @@ from azure.storage.blob import (
 )
 
 from flagsink.exporter import ExportError, SettingsError
-from flagsink.exporters.objectstore import ObjectExistsError, ObjectStoreExporter
+from flagsink.exporters.objectstore import (
+    BatchCheckDeniedError,
+    ObjectExistsError,
+    ObjectMissingError,
+    ObjectStoreExporter,
+)
 from flagsink_azureblob.settings import AzureBlobSettings
 
 __all__ = ["AzureBlobExporter", "client_options"]
@@ -65,6 +78,7 @@ class AzureBlobExporter(ObjectStoreExporter[AzureBlobSettings]):
     aliases: ClassVar[tuple[str, ...]] = ("azureBlobStorage",)
     bulk = True
     settings_model = AzureBlobSettings
+    batch_metadata_key: ClassVar[str] = "flagsinkbatch"
 
     def __init__(
         self,
@@ -165,6 +179,7 @@ class AzureBlobExporter(ObjectStoreExporter[AzureBlobSettings]):
         *,
         content_type: str,
         content_encoding: str | None,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         """Upload ``size`` bytes of ``body`` as a new block blob ``key`` (create-only)."""
         blob = self.container_client.get_blob_client(key)
@@ -177,7 +192,7 @@ class AzureBlobExporter(ObjectStoreExporter[AzureBlobSettings]):
                 content_settings=ContentSettings(
                     content_type=content_type, content_encoding=content_encoding
                 ),
-                metadata={_UPLOAD_ID: upload_id},
+                metadata={**(metadata or {}), _UPLOAD_ID: upload_id},
                 max_concurrency=1,
             )
         except ResourceExistsError as exc:
@@ -189,6 +204,34 @@ class AzureBlobExporter(ObjectStoreExporter[AzureBlobSettings]):
             raise ObjectExistsError(key) from None
         except AzureError as exc:
             raise self._export_error(exc, key) from exc
+
+    def read_batch_id(self, key: str) -> str | None:
+        """The batch id in ``key``'s metadata (Get Blob Properties), None without one."""
+        container = f"container {self.settings.container!r}"
+        try:
+            properties = self.container_client.get_blob_client(key).get_blob_properties()
+        except ResourceNotFoundError:
+            raise ObjectMissingError(key) from None
+        except HttpResponseError as exc:
+            if exc.status_code == 403:
+                raise BatchCheckDeniedError(
+                    f"reading blob properties in {container} was denied "
+                    f"({_error_code(exc)}): give the credentials read access too (role "
+                    "Storage Blob Data Contributor, or a SAS with read, create and write "
+                    "permissions)"
+                ) from None
+            raise ExportError(
+                f"cannot check whether {key!r} in {container} holds this batch (HTTP "
+                f"{exc.status_code} {_error_code(exc)}: {_first_line(exc)}); the batch is "
+                "retried"
+            ) from exc
+        except AzureError as exc:
+            raise ExportError(
+                f"cannot check whether {key!r} in {container} at {self.endpoint} holds this "
+                f"batch ({type(exc).__name__}: {_first_line(exc)}); the batch is retried"
+            ) from exc
+        value = (properties.metadata or {}).get(self.batch_metadata_key)
+        return str(value) if value is not None else None
 
     def _export_error(self, exc: AzureError, key: str) -> ExportError:
         container = f"container {self.settings.container!r}"

@@ -5,13 +5,18 @@ Uploads are create-only (``ifGenerationMatch=0``): the server refuses a name tha
 overwrite each other. Bodies up to 1 MiB go up in one multipart request, larger ones as a
 resumable upload in 8 MiB chunks; either way GCS creates the object only once every byte
 has arrived, so a failed upload leaves no object behind.
+
+Batches from the scheduler are idempotent: each object carries the batch id as custom
+metadata ``flagsink-batch``, and a 412 is followed by a read of the existing object's
+metadata that tells this batch's earlier, already stored upload (nothing is uploaded again)
+from another writer's object (the next name is tried).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 import google.auth
@@ -22,7 +27,12 @@ from google.oauth2 import credentials as user_credentials
 from google.oauth2 import service_account
 
 from flagsink.exporter import ExportError, SettingsError
-from flagsink.exporters.objectstore import ObjectExistsError, ObjectStoreExporter
+from flagsink.exporters.objectstore import (
+    BatchCheckDeniedError,
+    ObjectExistsError,
+    ObjectMissingError,
+    ObjectStoreExporter,
+)
 from flagsink_gcs.settings import GcsSettings
 
 if TYPE_CHECKING:
@@ -151,12 +161,15 @@ class GcsExporter(ObjectStoreExporter[GcsSettings]):
         *,
         content_type: str,
         content_encoding: str | None,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         """Create ``key`` from ``size`` bytes of ``body``, only if no object has that name."""
         bucket = self.settings.bucket
         blob = self.client.bucket(bucket).blob(key, chunk_size=CHUNK_SIZE)
         if content_encoding is not None:
             blob.content_encoding = content_encoding
+        if metadata:
+            blob.metadata = dict(metadata)
         # size=None: a resumable upload that reads `body` to its end (the spool holds
         # exactly `size` bytes); a known size up to 8 MiB would make it one multipart request.
         try:
@@ -203,6 +216,28 @@ class GcsExporter(ObjectStoreExporter[GcsSettings]):
                 f"cannot reach Google Cloud Storage to upload {key!r} to bucket {bucket!r}: "
                 f"{_reason(exc)}"
             ) from exc
+
+    def read_batch_id(self, key: str) -> str | None:
+        """The batch id in ``key``'s custom metadata, None without one."""
+        bucket = self.settings.bucket
+        try:
+            blob = self.client.bucket(bucket).get_blob(key, retry=self.retry, timeout=self.timeout)
+        except api.Forbidden:
+            raise BatchCheckDeniedError(
+                f"reading object metadata in bucket {bucket!r} was denied: the credentials "
+                "need storage.objects.get as well as storage.objects.create (e.g. role "
+                "roles/storage.objectUser)"
+            ) from None
+        except (api.GoogleAPICallError, api.RetryError, auth.GoogleAuthError, OSError) as exc:
+            cause = (exc.cause or exc) if isinstance(exc, api.RetryError) else exc
+            raise ExportError(
+                f"cannot check whether {key!r} in bucket {bucket!r} holds this batch "
+                f"({_reason(cause)}); the batch is retried"
+            ) from exc
+        if blob is None:
+            raise ObjectMissingError(key)
+        value = (blob.metadata or {}).get(self.batch_metadata_key)
+        return str(value) if value is not None else None
 
     def close(self) -> None:
         """Close the client this exporter created (a client passed in is left open)."""

@@ -6,18 +6,30 @@ overwrite each other. A batch up to :data:`DEFAULT_PART_SIZE` goes up in one ``P
 streamed from the spooled file; a larger one as a multipart upload read part by part from
 the spooled file (one part in memory at a time), completed with ``If-None-Match: *`` too,
 and aborted on any failure, so no half-written object and no orphaned upload is left.
+
+Batches from the scheduler are idempotent: each object carries the batch id as user
+metadata ``x-amz-meta-flagsink-batch``, and a 412 is followed by a ``HeadObject`` that tells
+this batch's earlier, already stored upload (nothing is uploaded again) from another
+writer's object (the next name is tried).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 from botocore import exceptions as boto  # type: ignore[import-untyped]
 
+from flagsink import faultpoints
 from flagsink.exporter import ExportError, SettingsError
-from flagsink.exporters.objectstore import ObjectExistsError, ObjectStoreExporter
+from flagsink.exporters.objectstore import (
+    BatchCheckDeniedError,
+    ObjectExistsError,
+    ObjectMissingError,
+    ObjectStoreExporter,
+)
 from flagsink_s3.settings import S3Settings
 
 __all__ = ["DEFAULT_PART_SIZE", "MIN_PART_SIZE", "S3Exporter"]
@@ -49,6 +61,7 @@ _REGION_CODES = frozenset(
 )
 # The name is taken (412), or another conditional write to it is under way (409).
 _TAKEN_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+_MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 
 
 class S3Exporter(ObjectStoreExporter[S3Settings]):
@@ -140,6 +153,7 @@ class S3Exporter(ObjectStoreExporter[S3Settings]):
         *,
         content_type: str,
         content_encoding: str | None,
+        metadata: Mapping[str, str] | None = None,
     ) -> None:
         """Create ``key`` from ``size`` bytes of ``body``; ObjectExistsError if it exists."""
         args: dict[str, Any] = {
@@ -149,6 +163,8 @@ class S3Exporter(ObjectStoreExporter[S3Settings]):
         }
         if content_encoding:
             args["ContentEncoding"] = content_encoding
+        if metadata:
+            args["Metadata"] = dict(metadata)
         if self.settings.storage_class:
             args["StorageClass"] = self.settings.storage_class
         if self.settings.server_side_encryption:
@@ -181,6 +197,33 @@ class S3Exporter(ObjectStoreExporter[S3Settings]):
                 f"{type(exc).__name__}: {exc}"
             ) from exc
 
+    def read_batch_id(self, key: str) -> str | None:
+        """The batch id in ``key``'s user metadata (``HeadObject``), None without one."""
+        bucket = self.settings.bucket
+        try:
+            head = self.client.head_object(Bucket=bucket, Key=key)
+        except boto.ClientError as exc:
+            code = _code(exc)
+            if code in _MISSING_CODES or _status(exc) == 404:
+                raise ObjectMissingError(key) from None
+            if code in _ACCESS_CODES or code == "403" or _status(exc) == 403:
+                raise BatchCheckDeniedError(
+                    f"HeadObject on bucket {bucket!r} was denied: allow s3:GetObject on "
+                    "the bucket's objects as well as s3:PutObject"
+                ) from None
+            message = exc.response.get("Error", {}).get("Message") or "no message"
+            raise ExportError(
+                f"cannot check whether {key!r} in bucket {bucket!r} holds this batch "
+                f"(HeadObject: {code or _status(exc)}: {message}); the batch is retried"
+            ) from exc
+        except boto.BotoCoreError as exc:
+            raise ExportError(
+                f"cannot check whether {key!r} in bucket {bucket!r} holds this batch "
+                f"({type(exc).__name__}: {exc}); the batch is retried"
+            ) from exc
+        value = (head.get("Metadata") or {}).get(self.batch_metadata_key)
+        return str(value) if value is not None else None
+
     def _put_multipart(self, args: dict[str, Any], body: BinaryIO, size: int) -> None:
         part_size = max(self.part_size, math.ceil(size / _MAX_PARTS))
         create = dict(args)
@@ -208,6 +251,8 @@ class S3Exporter(ObjectStoreExporter[S3Settings]):
                     part[checksum] = answer[checksum]
                 parts.append(part)
                 remaining -= length
+                if remaining > 0:  # between two parts: a crash leaves an unfinished upload
+                    faultpoints.hit("objectstore.during_multipart")
             self.client.complete_multipart_upload(
                 MultipartUpload={"Parts": parts}, IfNoneMatch="*", **target
             )
