@@ -103,6 +103,21 @@ def all_(session: nox.Session) -> None:
 
 
 @nox.session
+def faults(session: nox.Session) -> None:
+    """The long fault-suite variants (crash trials per sink, 10-minute outage, more
+    hypothesis examples), with core and every plugin installed: `nox -s faults`."""
+    _install(session, "-e", CORE, *_plugin_args(), groups=("test",))
+    session.run(
+        "pytest",
+        "tests",
+        "-m",
+        "long",
+        *session.posargs,
+        env={"CI": os.environ.get("CI", "")},
+    )
+
+
+@nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks beside their peers (figures, not pass/fail): `nox -s bench -- --quick`."""
     _install(session, "-e", CORE, *_plugin_args(), groups=("bench", "test"))

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import msgspec
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -177,9 +178,22 @@ def scan_rows_in_page(page: bytes) -> bool:
 
 
 SpoolDamage.TestCase.settings = settings(
-    max_examples=int(os.environ.get("SPOOL_DAMAGE_EXAMPLES", "25")),
+    max_examples=25,
     stateful_step_count=12,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestSpoolDamage = SpoolDamage.TestCase
+
+
+class LongSpoolDamage(SpoolDamage):
+    """The long variant (``nox -s faults``): many more sequences."""
+
+
+LongSpoolDamage.TestCase.settings = settings(
+    max_examples=int(os.environ.get("SPOOL_DAMAGE_EXAMPLES", "500")),
+    stateful_step_count=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+TestSpoolDamageLong = pytest.mark.long(LongSpoolDamage.TestCase)

@@ -183,6 +183,17 @@ class _Refused:
 
 
 @dataclass
+class _Answer:
+    """A relay answer to keep for ``Idempotency-Key`` retries after a restart."""
+
+    scope: str
+    fingerprint: bytes
+    expires: float
+    status: int
+    body: bytes
+
+
+@dataclass
 class _Intent:
     consumer: str
     first: int
@@ -381,7 +392,7 @@ class Spool:
         self.db_path = self.directory / DB_NAME
         self._commit_interval = settings.commit_interval / 1000.0
         self._waiting: deque[Event | _Submission] = deque()
-        self._control: deque[_Consumed | _Intent | _Refused] = deque()
+        self._control: deque[_Consumed | _Intent | _Refused | _Answer] = deque()
         self._consumers: dict[str, SpoolConsumer] = {}
         self._by_stream: dict[str, list[SpoolConsumer]] = {s: [] for s in STREAMS}
         self._tails: dict[str, int] = dict.fromkeys(STREAMS, 0)
@@ -875,7 +886,7 @@ class Spool:
             self._apply_control_only(db)
             return False
         items, events, submissions = self._take()
-        control: list[_Consumed | _Intent | _Refused] = []
+        control: list[_Consumed | _Intent | _Refused | _Answer] = []
         while self._control:
             control.append(self._control.popleft())
         if not events and not control and not submissions:
@@ -941,7 +952,7 @@ class Spool:
         db: sqlite3.Connection,
         rows: dict[str, list[tuple[int, int, bytes]]],
         tails: dict[str, int],
-        control: list[_Consumed | _Intent | _Refused],
+        control: list[_Consumed | _Intent | _Refused | _Answer],
     ) -> None:
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -977,11 +988,11 @@ class Spool:
         self,
         db: sqlite3.Connection,
         rows: dict[str, list[tuple[int, int, bytes]]],
-        control: list[_Consumed | _Intent | _Refused],
+        control: list[_Consumed | _Intent | _Refused | _Answer],
         submissions: list[_Submission],
     ) -> None:
         for item in control:
-            if not isinstance(item, _Refused):
+            if isinstance(item, _Consumed | _Intent):
                 item.done.set()
         for submission in submissions:
             _call(submission.callback, True)
@@ -994,7 +1005,7 @@ class Spool:
             self._maybe_compact(db)
 
     def _apply_control_only(self, db: sqlite3.Connection) -> None:
-        control: list[_Consumed | _Intent | _Refused] = []
+        control: list[_Consumed | _Intent | _Refused | _Answer] = []
         while self._control:
             control.append(self._control.popleft())
         if not control:
@@ -1003,12 +1014,20 @@ class Spool:
         self._apply(db, control)
         db.execute("COMMIT")
         for item in control:
-            if not isinstance(item, _Refused):
+            if isinstance(item, _Consumed | _Intent):
                 item.done.set()
         self._maybe_compact(db)
 
-    def _apply(self, db: sqlite3.Connection, control: list[_Consumed | _Intent | _Refused]) -> None:
+    def _apply(
+        self, db: sqlite3.Connection, control: list[_Consumed | _Intent | _Refused | _Answer]
+    ) -> None:
         for item in control:
+            if isinstance(item, _Answer):
+                db.execute(
+                    "INSERT OR REPLACE INTO idempotency VALUES (?, ?, ?, ?, ?)",
+                    (item.scope, item.fingerprint, item.expires, item.status, item.body),
+                )
+                continue
             if isinstance(item, _Refused):
                 consumers = self._by_stream[item.stream]
                 self._count(db, consumers, "accepted", item.count)
@@ -1065,6 +1084,8 @@ class Spool:
             if self._known_damage[stream].spans:
                 db.execute("DELETE FROM damaged WHERE stream = ? AND last <= ?", (stream, low))
                 self._known_damage[stream] = _Ranges(self._known_damage[stream].above(low))
+            if stream == STREAMS[0]:
+                db.execute("DELETE FROM idempotency WHERE expires < ?", (time.time(),))
             faultpoints.hit("spool.during_compaction")
             db.execute("COMMIT")
 
@@ -1089,7 +1110,7 @@ class Spool:
         db: sqlite3.Connection,
         size: int,
         items: list[Event | _Submission],
-        control: list[_Consumed | _Intent | _Refused],
+        control: list[_Consumed | _Intent | _Refused | _Answer],
     ) -> bool:
         """The spool is full: apply the policy. True when the commit may go on."""
         self._measure()
@@ -1164,9 +1185,11 @@ class Spool:
             self._refuse_waiting(excess, "too many events waiting in memory")
 
     def _refuse_waiting(self, count: int, why: str) -> None:
-        """Refuse the ``count`` oldest waiting items, counted per exporter and logged."""
+        """Refuse the ``count`` oldest waiting items: events handed to :meth:`submit` go
+        back to their caller (told by its callback; the relay answers 503 and the client
+        keeps them); events from :meth:`append` are dropped, counted per exporter."""
         refused: Counter[str] = Counter()
-        total = 0
+        total = returned = 0
         waiting = self._waiting
         for _ in range(count):
             try:
@@ -1175,14 +1198,19 @@ class Spool:
                 break
             if type(item) is _Submission:
                 _call(item.callback, False)
-                batch: Sequence[Event] = item.events
-            else:
-                batch = (item,)  # type: ignore[assignment]
-            for event in batch:
-                stream = _STREAM_OF.get(type(event))
-                if stream is not None:
-                    refused[stream] += 1
-                    total += 1
+                returned += len(item.events)
+                continue
+            stream = _STREAM_OF.get(type(item))
+            if stream is not None:
+                refused[stream] += 1
+                total += 1
+        if returned:
+            logger.warning(
+                "spool %s: %d events not taken (%s); their senders were told to retry",
+                self.directory,
+                returned,
+                why,
+            )
         if not total:
             return
         with self._lock:
@@ -1194,6 +1222,29 @@ class Spool:
             # Made durable at the next commit (accepted and dropped together).
             self._control.append(_Refused(stream, count_))
         logger.error("spool %s: refused %d events: %s", self.directory, total, why)
+
+    # -- relay answers ---------------------------------------------------------------------
+
+    def remember_answer(
+        self, scope: str, fingerprint: bytes, status: int, body: bytes, ttl: float
+    ) -> None:
+        """Keep a relay answer (``Idempotency-Key``) for ``ttl`` seconds, across restarts;
+        durable at the next group commit."""
+        self._control.append(_Answer(scope, fingerprint, time.time() + ttl, status, body))
+
+    def answers(self) -> list[tuple[str, bytes, int, bytes, float]]:
+        """Answers kept and not expired: ``(scope, fingerprint, status, body, seconds
+        left)``. Read once at start, before the writer runs."""
+        now = time.time()
+        rows = _try_rows(
+            self._db,
+            "SELECT scope, fingerprint, status, body, expires FROM idempotency ORDER BY expires",
+        )
+        return [
+            (str(scope), bytes(fp), int(status), bytes(body), float(expires) - now)
+            for scope, fp, status, body, expires in rows
+            if float(expires) > now
+        ]
 
     # -- used by consumers ----------------------------------------------------------------
 

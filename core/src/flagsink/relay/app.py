@@ -112,6 +112,21 @@ class _Relay:
             raise RuntimeError("the relay has not started")
         return self._pipeline
 
+    def _keep_answers_in_spool(self, pipeline: Pipeline) -> None:
+        """With a spool, ``Idempotency-Key`` answers survive a restart: kept there, and
+        loaded back on start."""
+        spool = pipeline.spool
+        store = self.idempotency
+        if spool is None or not isinstance(store, MemoryIdempotencyStore):
+            return
+        for scope, digest, status, body, left in spool.answers():
+            store.preload(scope, digest, StoredResponse(status, body), min(left, store.ttl))
+
+        def keep(scope: str, digest: bytes, response: StoredResponse, ttl: float) -> None:
+            spool.remember_answer(scope, digest, response.status, response.body, ttl)
+
+        store.on_complete = keep
+
     @asynccontextmanager
     async def lifespan(self, _: Starlette) -> AsyncIterator[None]:
         if self.config.store is not None:
@@ -123,6 +138,7 @@ class _Relay:
                 if self.store is not None:
                     self.store.close()
                 raise
+        self._keep_answers_in_spool(self._pipeline)
         self.metrics = RelayMetrics(self._pipeline, self.idempotency)
         names = ", ".join(s.name for s in self._pipeline.schedulers)
         logger.info("relay started with exporters: %s", names)
@@ -139,7 +155,14 @@ class _Relay:
                 left = sum(
                     s.dropped_by_reason.get("shutdown", 0) + s.buffered + s.in_flight for s in stats
                 )
-                logger.error("relay stopped with %d events undelivered at shutdown", left)
+                if self._pipeline.spool is not None:
+                    logger.warning(
+                        "relay stopped with %d events undelivered: they stay in the spool "
+                        "and are sent after the next start",
+                        left,
+                    )
+                else:
+                    logger.error("relay stopped with %d events undelivered at shutdown", left)
             if self.store is not None:
                 self.store.close()
 

@@ -190,6 +190,26 @@ class MemoryIdempotencyStore:
         self._tokens = itertools.count(1)
         self._bytes = 0
         self._evicted = 0
+        #: Called with ``(scope, fingerprint, response, ttl)`` after each completed claim,
+        #: e.g. to keep the answer in the spool so it survives a restart.
+        self.on_complete: Callable[[str, bytes, StoredResponse, float], None] | None = None
+
+    def preload(
+        self, scope: str, fingerprint: bytes, response: StoredResponse, remaining: float
+    ) -> None:
+        """Remember an answer kept from before a restart, for ``remaining`` seconds."""
+        if remaining <= 0:
+            return
+        with self._lock:
+            entry = _Entry(fingerprint, next(self._tokens), self._clock() - self.ttl + remaining)
+            entry.response = response
+            entry.size = len(response.body)
+            old = self._entries.pop(scope, None)
+            if old is not None:
+                self._bytes -= old.size
+            self._entries[scope] = entry
+            self._bytes += entry.size
+            self._bound()
 
     def begin(self, scope: str, fingerprint: bytes) -> Outcome:
         with self._lock:
@@ -224,6 +244,8 @@ class MemoryIdempotencyStore:
             self._bytes += size
             self._entries.move_to_end(claim.scope)
             self._bound()
+        if self.on_complete is not None:
+            self.on_complete(claim.scope, claim.fingerprint, response, self.ttl)
 
     def release(self, claim: Claim) -> None:
         with self._lock:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import inspect
 import json
 import logging
@@ -9,7 +11,8 @@ import os
 import signal
 import socket
 import sys
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import uvicorn
 from uvicorn.supervisors import Multiprocess
@@ -20,6 +23,10 @@ from flagsink.relay.app import ASGIApp, create_app
 __all__ = ["DEFAULT_CONFIG", "app_from_environment", "default_config", "serve"]
 
 CONFIG_ENV = "FLAGSINK_CONFIG"
+SLOTS_ENV = "FLAGSINK_SPOOL_SLOTS"
+# Slots a worker tries: more than any worker count, bounded so a broken lock cannot loop.
+_MAX_SLOTS = 1024
+_slot_lock: IO[bytes] | None = None
 DEFAULT_CONFIG: dict[str, Any] = {
     "exporter": {"kind": "file", "outputDir": "./flagsink-data", "format": "json"},
     "listen": 1031,
@@ -81,11 +88,57 @@ def _absorb_signal(_signum: int, _frame: object) -> None:
 
 
 def app_from_environment() -> ASGIApp:
-    """Application factory for uvicorn workers: reads the config named by FLAGSINK_CONFIG."""
+    """Application factory for uvicorn workers: reads the config named by FLAGSINK_CONFIG.
+
+    With a spool, each worker process claims its own slot ``<spool.dir>/worker-<i>``
+    (the first one no live worker holds), so workers never share a database and a
+    restarted worker resumes the slot its predecessor left."""
     path = os.environ.get(CONFIG_ENV)
     config = load_config(path) if path else default_config()
     configure_logging(config)
+    if config.spool is not None and os.environ.get(SLOTS_ENV):
+        config = _claim_spool_slot(config)
     return create_app(config)
+
+
+def _claim_spool_slot(config: Config) -> Config:
+    global _slot_lock
+    assert config.spool is not None
+    base = Path(config.spool.dir).expanduser()
+    for index in range(_MAX_SLOTS):
+        slot = base / f"worker-{index}"
+        slot.mkdir(parents=True, exist_ok=True)
+        handle = open(slot / "slot.lock", "a+b")  # noqa: SIM115 - held for the process
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        _slot_lock = handle
+        spool = config.spool.model_copy(update={"dir": str(slot)})
+        return dataclasses.replace(config, spool=spool)
+    raise RuntimeError(f"spool.dir {base}: no free worker slot among {_MAX_SLOTS}")
+
+
+def _warn_orphan_slots(base: Path, workers: int) -> None:
+    """Slots beyond the worker count are resumed only when that many workers run."""
+    from flagsink.spool import SpoolError, inspect_spool  # noqa: PLC0415 - serve only
+
+    for slot in sorted(base.glob("worker-*")):
+        suffix = slot.name.removeprefix("worker-")
+        if not suffix.isdigit() or int(suffix) < workers:
+            continue
+        try:
+            pending = sum(stats.pending for stats in inspect_spool(slot))
+        except SpoolError:
+            continue
+        if pending:
+            print(
+                f"flagsink: spool slot {slot} holds {pending} undelivered events but only "
+                f"{workers} workers run: start with --workers {int(suffix) + 1} (or more) "
+                "to deliver them",
+                file=sys.stderr,
+            )
 
 
 def serve(
@@ -124,6 +177,9 @@ def serve(
             os.environ.pop(CONFIG_ENV, None)
         else:
             os.environ[CONFIG_ENV] = os.path.abspath(config.source)
+        if config.spool is not None:
+            os.environ[SLOTS_ENV] = str(workers)
+            _warn_orphan_slots(Path(config.spool.dir).expanduser(), workers)
         # What uvicorn.run does for workers > 1, with the socket bound by _TcpConfig.
         multi = _TcpConfig(
             "flagsink.relay.server:app_from_environment", factory=True, workers=workers, **options
