@@ -446,15 +446,20 @@ def _healthy(port: int) -> bool:
         return False
 
 
+# --spool: every request is acknowledged only after the group commit holding its events.
+SPOOL = False
+
+
 def start_relay(workdir: Path, workers: int, file_events: int) -> Relay:
     output = workdir / "out"
     output.mkdir(parents=True)
     config = workdir / "relay.yaml"
-    config.write_text(
-        RELAY_CONFIG.format(
-            output=output, stop_timeout=int(STOP_TIMEOUT - 10), file_events=file_events
-        )
+    text = RELAY_CONFIG.format(
+        output=output, stop_timeout=int(STOP_TIMEOUT - 10), file_events=file_events
     )
+    if SPOOL:
+        text += f"\nspool:\n  dir: {workdir / 'spool'}\n"
+    config.write_text(text)
     port = free_port()
     log = workdir / "relay.log"
     command = [sys.executable, "-m", "flagsink.cli", "serve", "--config", str(config)]
@@ -783,7 +788,14 @@ def main() -> int:
         help="the exporter's maxEventInMemory: events per written file (default: %(default)s, "
         "GO Feature Flag's default)",
     )
+    parser.add_argument(
+        "--spool",
+        action="store_true",
+        help="run the relay with a disk spool (2xx only once the events are durable)",
+    )
     args = parser.parse_args()
+    global SPOOL
+    SPOOL = args.spool
     duration = args.duration or (3.0 if args.quick else 10.0)
     warmup = 0.5 if args.quick else 1.0
     if args.profile:
