@@ -19,6 +19,7 @@ import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -28,6 +29,8 @@ from flagsink.event import Event, new_feature_event
 from flagsink.exporter import Exporter, ExportError, ExporterSettings
 from flagsink.pipeline import Pipeline
 from flagsink.scheduler import DataExporterScheduler
+from flagsink.spool import Spool, SpoolSettings, inspect_spool
+from flagsink.spooled import SpoolScheduler
 from flagsink.testing import wait_until
 from flagsink.testing.faults import TcpProxy
 
@@ -209,6 +212,57 @@ def test_add_event_stays_fast_while_the_sink_is_down_for_30_seconds(
     sink_port: int, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run_case(sink_port, 30.0, capsys)
+
+
+def run_spool_case(
+    sink_port: int, seconds: float, directory: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same, with a disk spool: the events go to the spool's writer thread."""
+    with TcpProxy(sink_port) as proxy:
+        proxy.blackhole()
+        exporter = PostExporter(url=proxy.url, timeout=0.5)
+        spool = Spool(SpoolSettings(dir=str(directory)))
+        scheduler = SpoolScheduler(
+            exporter,
+            spool.consumer("post"),
+            flush_interval=0.1,
+            max_events_in_memory=1_000,
+            retry_initial=0.05,
+            retry_max=0.5,
+        )
+        spool.start()
+        pipeline = Pipeline([(scheduler, "feature")], exit_timeout=None, spool=spool)
+        try:
+            latencies = paced_adds(pipeline, seconds)
+            assert spool.sync(10)
+            stats = scheduler.stats()
+        finally:
+            pipeline.close(0.5)
+    with capsys.disabled():
+        print(f"\n[case 5, sink down, spool, {seconds:.0f} s] {latencies.line()}")
+    assert stats.exported == 0
+    assert exporter.attempts >= 2
+    # Nothing dropped: every event is in the spool, waiting for the sink.
+    assert stats.received == len(latencies.samples)
+    assert stats.dropped == 0
+    (durable,) = inspect_spool(directory)
+    assert durable.pending == len(latencies.samples)
+    assert latencies.rate >= 0.9 * RATE, latencies.line()
+    assert latencies.quantile(0.99) <= P99_NS, latencies.line()
+    assert latencies.quantile(0.999) <= P999_NS, latencies.line()
+
+
+def test_add_event_stays_fast_with_a_spool_while_the_sink_is_down(
+    sink_port: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_spool_case(sink_port, 3.0, tmp_path / "spool", capsys)
+
+
+@pytest.mark.long
+def test_add_event_stays_fast_with_a_spool_while_the_sink_is_down_for_30_seconds(
+    sink_port: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_spool_case(sink_port, 30.0, tmp_path / "spool", capsys)
 
 
 def test_the_same_exporter_delivers_when_the_sink_is_up(sink_port: int) -> None:
