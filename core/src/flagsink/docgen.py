@@ -5,6 +5,7 @@ Markdown files mark where a table goes; everything between the markers is genera
     <!-- settings-table: file -->      exporter `file`: kind, its own keys, the common keys
     <!-- settings-table: common -->    the keys common to every exporter section
     <!-- settings-table: service -->   the top-level keys of the relay service
+    <!-- settings-table: spool -->     the keys of the ``spool:`` section
     <!-- settings-table: store:file --> store `file`: kind, its own keys, cacheTTL
     <!-- /settings-table -->
 
@@ -30,6 +31,7 @@ from pydantic_core import PydanticUndefined
 
 from flagsink.config import SchedulingSettings, ServiceSettings
 from flagsink.plugins import default_registry
+from flagsink.spool import SpoolSettings
 
 __all__ = [
     "DocgenError",
@@ -42,6 +44,7 @@ __all__ = [
 
 COMMON = "common"
 SERVICE = "service"
+SPOOL = "spool"
 STORE_PREFIX = "store:"
 _CACHE_TTL_ROW = (
     "| `cacheTTL` | number | `15` | Seconds items stay cached in each process; `0` = no "
@@ -80,7 +83,8 @@ def settings_table(model: type[BaseModel]) -> str:
 def exporter_table(kind: str) -> str:
     """The table for exporter ``kind``: ``kind``, its own settings, then the common keys.
 
-    Use ``kind="common"`` for the common keys only, ``kind="service"`` for the relay's keys.
+    Use ``kind="common"`` for the common keys only, ``kind="service"`` for the relay's keys,
+    ``kind="spool"`` for the ``spool:`` section.
     """
     if kind.startswith(STORE_PREFIX):
         return store_table(kind.removeprefix(STORE_PREFIX))
@@ -88,6 +92,8 @@ def exporter_table(kind: str) -> str:
         return settings_table(SchedulingSettings)
     if kind == SERVICE:
         return settings_table(ServiceSettings)
+    if kind == SPOOL:
+        return settings_table(SpoolSettings)
     settings_model = default_registry().exporter(kind).settings_model
     kind_row = f"| `kind` | string | required | Always `{kind}` for this exporter. |"
     common = [row for row in _rows(SchedulingSettings) if not row.startswith("| `kind` ")]

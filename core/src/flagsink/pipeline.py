@@ -448,10 +448,15 @@ def _spooled_pipeline(
                 retry_max=max(timing.retry_max_interval, timing.retry_initial_interval) / 1000,
                 name=label,
                 dead_letters=DeadLetterFile(dead_letter_path, label),
+                start=False,
                 **overrides,
             )
             routes.append((scheduler, timing.event_type))
         spool.start()
+        # Workers only once the spool commits: a batch must never be sent before its
+        # intent is durable (an interrupted batch is formed again from it after a crash).
+        for scheduler, _ in routes:
+            scheduler.start()
     except (ConfigError, SpoolError) as exc:
         for scheduler, _ in routes:
             scheduler.close(0)

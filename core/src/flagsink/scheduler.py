@@ -54,6 +54,33 @@ class SchedulerStats:
     last_error_time: float | None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    # The accounting view, the same in both modes (memory and spool):
+    # ``accepted == delivered + dropped + pending``.
+
+    @property
+    def pending(self) -> int:
+        """Events accepted and neither delivered nor dropped yet: waiting or being sent.
+
+        With a spool, the spool's own figure for this exporter (``extra["pending"]``: the
+        committed events it has not confirmed, a batch sent and not yet confirmed
+        included); without one, ``buffered + in_flight``."""
+        spooled = self.extra.get("pending")
+        return int(spooled) if spooled is not None else self.buffered + self.in_flight
+
+    @property
+    def delivered(self) -> int:
+        """Events the sink took (the same figure as ``exported``)."""
+        return self.exported
+
+    @property
+    def accepted(self) -> int:
+        """Events this exporter took responsibility for: ``delivered + dropped + pending``.
+
+        Without a spool the same as ``received``; with one, what the spool committed for
+        this exporter (events waiting for the spool's next group commit are not yet
+        accepted)."""
+        return self.exported + self.dropped + self.pending
+
 
 _live: weakref.WeakSet[DataExporterScheduler] = weakref.WeakSet()
 
@@ -152,6 +179,7 @@ class DataExporterScheduler:
         self._started = False
         self._closed = False
         self._finished = False
+        self._close_reported = False
         _live.add(self)
         if start:
             self.start()
@@ -224,12 +252,22 @@ class DataExporterScheduler:
         if self._started:
             self._worker.join(max(deadline - time.monotonic(), 0.0))
             if self._worker.is_alive():
+                left = self._undelivered()
+                self._close_reported = True
+                if not left:  # only the exporter's own close() is still running
+                    logger.warning(
+                        "exporter %s: every event delivered; its close() is still running "
+                        "after %.1fs",
+                        self.name,
+                        timeout,
+                    )
+                    return True
                 logger.error(
                     "exporter %s: close timed out after %.1fs with an export still running; "
                     "%d events undelivered",
                     self.name,
                     timeout,
-                    self._undelivered(),
+                    left,
                 )
                 return False
         elif not self._finished:
@@ -551,10 +589,11 @@ class DataExporterScheduler:
             if left:
                 self._drop_oldest(left, "shutdown")
                 logger.error(
-                    "exporter %s: closed with %d events undelivered (last error: %s)",
+                    "exporter %s: closed with %d events undelivered (last error: %s)%s",
                     self.name,
                     left,
                     self._last_error,
+                    " (already reported when close timed out)" if self._close_reported else "",
                 )
         finally:
             self._mark_flushed(self._flush_requested)

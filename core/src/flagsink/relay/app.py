@@ -3,7 +3,8 @@
 Routes: ``POST /v1/data/collector`` (GO Feature Flag's collector protocol),
 ``POST /v1/flag/configuration`` (flags from the configured store, for in-process
 providers), ``GET /health``,
-``GET /info``, ``GET /metrics`` (Prometheus) and ``GET /openapi.json``. The exporters are
+``GET /info``, ``GET /metrics`` (Prometheus), ``GET /v1/status`` (every exporter's
+accounting, as JSON) and ``GET /openapi.json``. The exporters are
 built when the application starts (after any worker fork) and flushed when it stops.
 """
 
@@ -13,6 +14,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal
@@ -42,7 +44,7 @@ from flagsink.relay.idempotency import (
     presented_key,
     request_scope,
 )
-from flagsink.relay.metrics import CONTENT_TYPE, RelayMetrics
+from flagsink.relay.metrics import CONTENT_TYPE, RelayMetrics, status_document
 from flagsink.relay.openapi import openapi_document
 from flagsink.store import FLAGS
 from flagsink.store_cache import CachedStore
@@ -54,8 +56,11 @@ logger = logging.getLogger("flagsink.relay")
 
 COLLECTOR = "/v1/data/collector"
 FLAG_CONFIGURATION = "/v1/flag/configuration"
+STATUS = "/v1/status"
 OPEN_PATHS = frozenset({"/health", "/info"})
-ROUTES = frozenset({COLLECTOR, FLAG_CONFIGURATION, "/health", "/info", "/metrics", "/openapi.json"})
+ROUTES = frozenset(
+    {COLLECTOR, FLAG_CONFIGURATION, STATUS, "/health", "/info", "/metrics", "/openapi.json"}
+)
 NO_STORE = (
     "no flag store configured: add a `store:` section (e.g. `store: {kind: file, path: "
     "flags.yaml}`) to the relay's config to serve flag configuration"
@@ -85,6 +90,11 @@ def _error(message: str, status: int, headers: dict[str, str] | None = None) -> 
     return _json({"error": message}, status, headers)
 
 
+#: Seconds of ``shutdownTimeout`` kept for what follows the pipeline's close: the end of
+#: the lifespan, uvicorn's exit and the process exit.
+EXIT_RESERVE = 0.05
+
+
 class _Relay:
     """Request handlers sharing the pipeline and metrics of one application."""
 
@@ -105,6 +115,15 @@ class _Relay:
         self.store: CachedStore | None = None
         self.enrichment = config.evaluation_context_enrichment
         self.document = _encode(openapi_document(core_version(), secured=bool(config.service.keys)))
+        #: When the stop signal came (``time.monotonic()``), if the server reported it:
+        #: the shutdown budget runs from there, not from the end of the server's own
+        #: shutdown steps.
+        self.stop_signal_at: float | None = None
+
+    def note_stop_signal(self) -> None:
+        """The server got its stop signal now (the first call counts)."""
+        if self.stop_signal_at is None:
+            self.stop_signal_at = time.monotonic()
 
     @property
     def pipeline(self) -> Pipeline:
@@ -146,8 +165,10 @@ class _Relay:
             yield
         finally:
             timeout = self.config.service.shutdown_timeout
-            logger.info("relay stopping: flushing exporters (up to %.0fs)", timeout)
-            delivered = await asyncio.to_thread(self._pipeline.close, timeout)
+            since = self.stop_signal_at if self.stop_signal_at is not None else time.monotonic()
+            budget = max(since + timeout - EXIT_RESERVE - time.monotonic(), 0.0)
+            logger.info("relay stopping: flushing exporters (up to %.2fs)", budget)
+            delivered = await asyncio.to_thread(self._pipeline.close, budget)
             if delivered:
                 logger.info("relay stopped: every accepted event was delivered")
             else:
@@ -360,6 +381,11 @@ class _Relay:
         body = self.metrics.render() if self.metrics is not None else b""
         return Response(body, media_type=CONTENT_TYPE)
 
+    async def status(self, _: Request) -> Response:
+        """Every exporter's accounting (``accepted == delivered + dropped + pending``),
+        the spool's figures and the relay's counters; protected like ``/metrics``."""
+        return _json(status_document(self.pipeline, self.metrics, core_version()))
+
     async def openapi(self, _: Request) -> Response:
         return Response(self.document, media_type="application/json")
 
@@ -452,6 +478,14 @@ async def _durable(pipeline: Pipeline, events: Sequence[Event]) -> bool:
     return await done
 
 
+def stop_signal_hook(app: ASGIApp) -> Callable[[], None]:
+    """What the server calls when its stop signal comes, for an application from
+    :func:`create_app`: the relay's ``shutdownTimeout`` then runs from that moment."""
+    if isinstance(app, _Guard):
+        return app.relay.note_stop_signal
+    return lambda: None
+
+
 def create_app(
     config: Config,
     *,
@@ -473,6 +507,7 @@ def create_app(
             Route("/health", relay.health, methods=["GET"]),
             Route("/info", relay.info, methods=["GET"]),
             Route("/metrics", relay.prometheus, methods=["GET"]),
+            Route(STATUS, relay.status, methods=["GET"]),
             Route("/openapi.json", relay.openapi, methods=["GET"]),
         ],
         lifespan=relay.lifespan,

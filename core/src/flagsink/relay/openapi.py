@@ -220,6 +220,25 @@ def openapi_document(version: str, *, secured: bool) -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/status": {
+                "get": {
+                    "operationId": "status",
+                    "summary": "Every exporter's accounting: accepted = delivered + dropped "
+                    "+ pending, with the spool's and the relay's figures (this process).",
+                    "security": security,
+                    "responses": {
+                        "200": {
+                            "description": "The figures, one consistent snapshot per exporter.",
+                            "content": {
+                                "application/json": {
+                                    "schema": {"$ref": "#/components/schemas/Status"}
+                                }
+                            },
+                        },
+                        **unauthorized,
+                    },
+                }
+            },
         },
         "components": {
             "securitySchemes": {
@@ -296,11 +315,84 @@ def openapi_document(version: str, *, secured: bool) -> dict[str, Any]:
                         "exporters": {"type": "array", "items": {"type": "string"}},
                     },
                 },
+                "Status": _status_schema(),
                 "Error": {
                     "type": "object",
                     "required": ["error"],
                     "properties": {"error": {"type": "string"}},
                 },
             },
+        },
+    }
+
+
+def _status_schema() -> dict[str, Any]:
+    count = {"type": "integer", "minimum": 0}
+    counts = {"type": "object", "additionalProperties": count}
+    exporter = {
+        "type": "object",
+        "description": "accepted == delivered + sum(dropped) + pending.",
+        "required": ["name", "accepted", "delivered", "dropped", "pending", "balanced"],
+        "properties": {
+            "name": {"type": "string"},
+            "accepted": {"type": "integer"},
+            "delivered": {"type": "integer"},
+            "dropped": {**counts, "description": "Events given up, by reason."},
+            "pending": {"type": "integer", "description": "Waiting or being sent."},
+            "buffered": {"type": "integer"},
+            "inFlight": {"type": "integer"},
+            "retried": {"type": "integer"},
+            "failedAttempts": {"type": "integer"},
+            "deadLettered": {"type": "integer"},
+            "redelivered": {
+                "type": "integer",
+                "description": "With a spool: events sent again after a crash (possible "
+                "duplicates).",
+            },
+            "lastError": {"type": ["string", "null"]},
+            "lastErrorTime": {"type": ["number", "null"]},
+            "spooled": {"type": "boolean"},
+            "balanced": {
+                "type": "boolean",
+                "description": "The identity holds and no figure is negative.",
+            },
+        },
+    }
+    spool = {
+        "type": ["object", "null"],
+        "required": ["directory", "bytes", "maxBytes", "waiting", "commits", "refused", "damaged"],
+        "properties": {
+            "directory": {"type": "string"},
+            "bytes": count,
+            "maxBytes": count,
+            "whenFull": {"type": "string", "enum": ["block", "dropOldest"]},
+            "full": {"type": "boolean"},
+            "waiting": {**count, "description": "Waiting for the next group commit."},
+            "committed": {**counts, "description": "Last sequence number, by event type."},
+            "commits": count,
+            "refused": count,
+            "damaged": count,
+        },
+    }
+    relay = {
+        "type": ["object", "null"],
+        "description": "received == accepted + filtered + sum(rejected) + inProgress.",
+        "properties": {
+            "received": count,
+            "accepted": count,
+            "filtered": count,
+            "rejected": counts,
+            "inProgress": count,
+        },
+    }
+    return {
+        "type": "object",
+        "required": ["version", "balanced", "exporters", "spool", "relay"],
+        "properties": {
+            "version": {"type": "string"},
+            "balanced": {"type": "boolean", "description": "True when every exporter is."},
+            "exporters": {"type": "array", "items": exporter},
+            "spool": spool,
+            "relay": relay,
         },
     }
