@@ -48,7 +48,7 @@ def test_settings_tables_in_docs_and_readmes_are_current() -> None:
     stale = []
     # Pages of plugins not installed here are checked where they are (`nox -s docs`, `all`).
     names = {p.name for p in installed_plugins()}
-    known = names | {f"store:{name}" for name in names} | {"common", "service"}
+    known = names | {f"store:{name}" for name in names} | {"common", "service", "spool"}
     for path in files:
         text = path.read_text(encoding="utf-8")
         named = set(re.findall(r"<!-- settings-table: (\S+) -->", text))
@@ -63,6 +63,7 @@ def test_settings_tables_in_docs_and_readmes_are_current() -> None:
     ("page", "kind"),
     [
         ("configuration.md", "common"),
+        ("configuration.md", "spool"),
         ("exporters/file.md", "file"),
         ("exporters/log.md", "log"),
     ],

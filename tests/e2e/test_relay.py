@@ -770,6 +770,7 @@ def test_the_openapi_document_is_valid(tmp_path: Path, secured: bool) -> None:
         "/health",
         "/info",
         "/metrics",
+        "/v1/status",
     }
     schema = schemathesis.openapi.from_dict(document)
     operations = [result.ok() for result in schema.get_all_operations()]
@@ -779,6 +780,7 @@ def test_the_openapi_document_is_valid(tmp_path: Path, secured: bool) -> None:
         "GET /health",
         "GET /info",
         "GET /metrics",
+        "GET /v1/status",
     }
 
 

@@ -256,6 +256,9 @@ class SpoolConsumer:
         self.accepted = 0
         self.delivered = 0
         self.dropped: Counter[str] = Counter()
+        # Events of the batch being sent that dropOldest deleted (and counted as dropped)
+        # before the batch was confirmed: its confirmation must not count them again.
+        self.settled_ahead = 0
         self._db: sqlite3.Connection | None = None
         self._decoder = msgspec.msgpack.Decoder(Event)
 
@@ -346,11 +349,15 @@ class SpoolConsumer:
         reason. Waits up to ``timeout`` for the group commit that makes it durable (so a
         crash resends at most the batch being sent); True once durable."""
         dropped = {k: v for k, v in (dropped or {}).items() if v}
-        self.position = max(self.position, last)
-        self.read_position = max(self.read_position, last)
-        self.intent = None
-        self.delivered += delivered
-        self.dropped.update(dropped)
+        with self.spool._lock:  # against _drop_oldest moving this cursor meanwhile
+            if self.settled_ahead:
+                delivered, dropped = _without_settled(self.settled_ahead, delivered, dropped)
+                self.settled_ahead = 0
+            self.position = max(self.position, last)
+            self.read_position = max(self.read_position, last)
+            self.intent = None
+            self.delivered += delivered
+            self.dropped.update(dropped)
         item = _Consumed(self.name, last, delivered, dropped)
         self.spool._confirm(item)
         if timeout == 0 or not self.spool.writing:
@@ -358,15 +365,19 @@ class SpoolConsumer:
         return item.done.wait(timeout)
 
     def stats(self) -> ConsumerStats:
-        """In-memory counters (the durable ones can lag by one group commit)."""
+        """In-memory counters (the durable ones can lag by one group commit), read under
+        the spool's lock, which every change to them takes: one moment."""
+        with self.spool._lock:
+            accepted, delivered, dropped = self.accepted, self.delivered, dict(self.dropped)
+            position = self.position
         return ConsumerStats(
             exporter=self.name,
             stream=self.stream,
-            accepted=self.accepted,
-            delivered=self.delivered,
-            dropped_by_reason=dict(self.dropped),
-            pending=self.accepted - self.delivered - sum(self.dropped.values()),
-            cursor=self.position,
+            accepted=accepted,
+            delivered=delivered,
+            dropped_by_reason=dropped,
+            pending=accepted - delivered - sum(dropped.values()),
+            cursor=position,
         )
 
     def close(self) -> None:
@@ -795,13 +806,21 @@ class Spool:
         if self._started:
             return
         db = self._db
-        for (name,) in db.execute("SELECT exporter FROM cursors").fetchall():
+        for name, stream, position in db.execute(
+            "SELECT exporter, stream, position FROM cursors"
+        ).fetchall():
             if name not in self._consumers:
+                left = 0
+                if stream in self._tails:
+                    left = _rows_pending(db, str(stream), self._tails[stream], int(position))
                 logger.warning(
-                    "spool %s: exporter %r is no longer configured; its undelivered events "
-                    "are abandoned",
+                    "spool %s: exporter %r is no longer configured; its %d undelivered "
+                    "events are abandoned (run `flagsink status --spool %s --drained` before "
+                    "removing or renaming an exporter)",
                     self.directory,
                     name,
+                    left,
+                    self.directory,
                 )
                 db.execute("DELETE FROM cursors WHERE exporter = ?", (name,))
                 db.execute("DELETE FROM counters WHERE exporter = ?", (name,))
@@ -906,10 +925,11 @@ class Spool:
             return False
         self._commits += 1
         self._bytes_used += size
-        for stream, stream_rows in rows.items():
-            if stream_rows:
-                for consumer in self._by_stream[stream]:
-                    consumer.accepted += len(stream_rows)
+        with self._lock:  # stats() reads the counters under it: one moment
+            for stream, stream_rows in rows.items():
+                if stream_rows:
+                    for consumer in self._by_stream[stream]:
+                        consumer.accepted += len(stream_rows)
         self._tails = tails
         self._write_marks()
         self._after_commit(db, rows, control, submissions)
@@ -1141,34 +1161,39 @@ class Spool:
         db.execute("BEGIN IMMEDIATE")
         freed = 0
         dropped: Counter[str] = Counter()
-        for stream in STREAMS:
-            consumers = self._by_stream[stream]
-            low = min((c.position for c in consumers), default=self._tails[stream])
-            upto = low
-            for seq, length in db.execute(
-                f"SELECT seq, length(data) FROM {stream} WHERE seq > ? ORDER BY seq",
-                (low,),
-            ):
+        # Consumers confirm under the lock: their cursors cannot move meanwhile.
+        with self._lock:
+            for stream in STREAMS:
+                consumers = self._by_stream[stream]
+                low = min((c.position for c in consumers), default=self._tails[stream])
+                upto = low
+                for seq, length in db.execute(
+                    f"SELECT seq, length(data) FROM {stream} WHERE seq > ? ORDER BY seq",
+                    (low,),
+                ):
+                    if freed >= need:
+                        break
+                    freed += length + _ROW_OVERHEAD
+                    upto = seq
+                if upto > low:
+                    db.execute(f"DELETE FROM {stream} WHERE seq <= ?", (upto,))
+                    for consumer in consumers:
+                        if consumer.position < upto:
+                            lost = upto - consumer.position
+                            # Rows of the batch being sent: counted here, not at its confirm.
+                            sending = min(upto, consumer.read_position) - consumer.position
+                            consumer.settled_ahead += max(sending, 0)
+                            dropped[consumer.name] += lost
+                            self._count(db, [consumer], "dropped:spool_full", lost)
+                            db.execute(
+                                "UPDATE cursors SET position = ? WHERE exporter = ?",
+                                (upto, consumer.name),
+                            )
+                            consumer.position = upto
+                            consumer.read_position = max(consumer.read_position, upto)
+                            consumer.dropped["spool_full"] += lost
                 if freed >= need:
                     break
-                freed += length + _ROW_OVERHEAD
-                upto = seq
-            if upto > low:
-                db.execute(f"DELETE FROM {stream} WHERE seq <= ?", (upto,))
-                for consumer in consumers:
-                    if consumer.position < upto:
-                        lost = upto - consumer.position
-                        dropped[consumer.name] += lost
-                        self._count(db, [consumer], "dropped:spool_full", lost)
-                        db.execute(
-                            "UPDATE cursors SET position = ? WHERE exporter = ?",
-                            (upto, consumer.name),
-                        )
-                        consumer.position = upto
-                        consumer.read_position = max(consumer.read_position, upto)
-                        consumer.dropped["spool_full"] += lost
-            if freed >= need:
-                break
         db.execute("COMMIT")
         self._bytes_used -= freed
         if dropped:
@@ -1215,12 +1240,12 @@ class Spool:
             return
         with self._lock:
             self._refused += total
-        for stream, count_ in refused.items():
-            for consumer in self._by_stream[stream]:
-                consumer.accepted += count_
-                consumer.dropped["spool_full"] += count_
-            # Made durable at the next commit (accepted and dropped together).
-            self._control.append(_Refused(stream, count_))
+            for stream, count_ in refused.items():
+                for consumer in self._by_stream[stream]:
+                    consumer.accepted += count_
+                    consumer.dropped["spool_full"] += count_
+                # Made durable at the next commit (accepted and dropped together).
+                self._control.append(_Refused(stream, count_))
         logger.error("spool %s: refused %d events: %s", self.directory, total, why)
 
     # -- relay answers ---------------------------------------------------------------------
@@ -1406,6 +1431,22 @@ class _Ranges:
         return [(max(a, position + 1), b) for a, b in self.spans if b > position]
 
 
+def _without_settled(
+    settled: int, delivered: int, dropped: dict[str, int]
+) -> tuple[int, dict[str, int]]:
+    """A batch's outcome without its first ``settled`` events, already counted as
+    dropped when ``dropOldest`` deleted them while the batch was being sent."""
+    take = min(settled, delivered)
+    delivered -= take
+    settled -= take
+    rest = dict(dropped)
+    for reason in list(rest):
+        take = min(settled, rest[reason])
+        rest[reason] -= take
+        settled -= take
+    return delivered, {k: v for k, v in rest.items() if v}
+
+
 def _call(callback: Callable[[bool], None], ok: bool) -> None:
     try:
         callback(ok)
@@ -1462,6 +1503,8 @@ def inspect_spool(directory: str | os.PathLike[str]) -> list[ConsumerStats]:
         raise SpoolError(f"{Path(directory)}: no spool here (no {DB_NAME})")
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        # One read transaction: tails, cursors and counters from the same commit.
+        db.execute("BEGIN")
         tails = dict(db.execute("SELECT stream, last FROM tails").fetchall())
         result = []
         for name, stream, position in db.execute(
