@@ -16,11 +16,17 @@ Per exporter, at every commit: ``accepted = delivered + dropped (by reason) + pe
 where pending is the events after its cursor. Damage found on start (a database SQLite
 cannot read) or on read (a CRC mismatch, a missing row) is counted exactly from the
 sequence numbers, the damaged bytes are moved to ``damaged/``, and the spool goes on.
+
+This module holds :class:`Spool` (the writer: group commits, caps, damage found on open).
+The rest: :mod:`flagsink.spool_settings` (the ``spool:`` section, the error, the figures),
+:mod:`flagsink.spool_consumer` (an exporter's reader), :mod:`flagsink.spool_schema` (the
+files and tables), :mod:`flagsink.spool_ranges`, :mod:`flagsink.spool_recovery` (salvage
+of a damaged database) and :mod:`flagsink.spool_inspect` (counters read from outside).
+Import the public names from here.
 """
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import fcntl
 import json
@@ -34,19 +40,38 @@ import weakref
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import msgspec
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic.alias_generators import to_camel
 
 from flagsink import faultpoints
-from flagsink.event import Event, FeatureEvent, TrackingEvent
-from flagsink.spool_recovery import scan_rows
+from flagsink.event import Event
+from flagsink.spool_consumer import Confirmation, SpoolConsumer
+from flagsink.spool_inspect import inspect_spool, rows_pending
+from flagsink.spool_ranges import SequenceRanges
+from flagsink.spool_recovery import salvage_database
+from flagsink.spool_schema import (
+    DAMAGED_DIR,
+    DB_NAME,
+    LOCK_NAME,
+    MARKS_NAME,
+    SCHEMA_VERSION,
+    STREAM_OF,
+    STREAMS,
+    connect,
+    create_schema,
+    read_marks,
+    try_rows,
+)
+from flagsink.spool_settings import ConsumerStats, SpoolError, SpoolSettings, SpoolStats
 
 __all__ = [
+    "DAMAGED_DIR",
+    "DB_NAME",
+    "LOCK_NAME",
+    "MARKS_NAME",
+    "STREAMS",
     "ConsumerStats",
     "Spool",
     "SpoolConsumer",
@@ -58,99 +83,11 @@ __all__ = [
 
 logger = logging.getLogger("flagsink.spool")
 
-STREAMS = ("feature", "tracking")
-_STREAM_OF: dict[type, str] = {FeatureEvent: "feature", TrackingEvent: "tracking"}
-DB_NAME = "spool.db"
-LOCK_NAME = "spool.lock"
-# A copy of the tails, cursors and counters, rewritten after every commit: when damage
-# makes them unreadable in the database, recovery still knows exactly what was lost.
-MARKS_NAME = "spool.marks.json"
-DAMAGED_DIR = "damaged"
-_SCHEMA_VERSION = "1"
 # Events inserted per transaction at most, so one commit never stalls the writer long.
 _MAX_PER_COMMIT = 50_000
 # Bytes counted per row beyond its payload (rowid, CRC, record header, b-tree cell).
 _ROW_OVERHEAD = 16
 _SPACE_CHECK_INTERVAL = 0.5
-
-
-class SpoolSettings(BaseModel):
-    """The ``spool:`` section: where and how events are kept on disk before delivery."""
-
-    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True)
-
-    dir: str = Field(description="Directory of the spool (created if missing); one process.")
-    max_bytes: int = Field(
-        1024**3,
-        ge=1024 * 1024,
-        description="Largest size of the spooled events on disk, in bytes (default 1 GiB).",
-    )
-    when_full: Literal["block", "dropOldest"] = Field(
-        "block",
-        description="When `maxBytes` is reached: `block` holds new events in memory (the "
-        "relay answers 503 with Retry-After) for up to `blockTimeout`, then refuses them, "
-        "counted; `dropOldest` deletes the oldest undelivered events, counted.",
-    )
-    block_timeout: int = Field(
-        5_000, ge=0, description="Milliseconds `block` waits for room before refusing events."
-    )
-    commit_interval: float = Field(
-        10.0,
-        gt=0,
-        le=1_000,
-        description="Milliseconds between group commits (each one fsync): the longest an "
-        "event waits to be durable, and the relay's added latency.",
-    )
-    max_pending_in_memory: int = Field(
-        200_000,
-        ge=1_000,
-        description="Events waiting in memory for a commit at most (only reached while the "
-        "disk is slow or the spool is full); past it the oldest are refused, counted.",
-    )
-
-    @field_validator("dir")
-    @classmethod
-    def _not_empty(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must name a directory, e.g. /var/lib/flagsink/spool")
-        return value
-
-
-class SpoolError(Exception):
-    """The spool cannot be opened or used (the message names the directory and cause)."""
-
-
-@dataclass
-class ConsumerStats:
-    """One exporter's durable counters: ``accepted == delivered + dropped + pending``."""
-
-    exporter: str
-    stream: str
-    accepted: int
-    delivered: int
-    dropped_by_reason: dict[str, int]
-    pending: int
-    cursor: int
-
-    @property
-    def dropped(self) -> int:
-        """All drops, whatever the reason."""
-        return sum(self.dropped_by_reason.values())
-
-
-@dataclass
-class SpoolStats:
-    """The spool's own figures."""
-
-    directory: str
-    bytes_used: int
-    max_bytes: int
-    waiting: int
-    committed: dict[str, int]
-    commits: int
-    refused: int
-    damaged: int
-    consumers: list[ConsumerStats] = field(default_factory=list)
 
 
 class _Submission:
@@ -161,17 +98,6 @@ class _Submission:
     def __init__(self, events: Sequence[Event], callback: Callable[[bool], None]) -> None:
         self.events = events
         self.callback = callback
-
-
-@dataclass
-class _Consumed:
-    """A confirmation from a consumer, applied at the next group commit."""
-
-    consumer: str
-    last: int
-    delivered: int
-    dropped: dict[str, int]
-    done: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -195,196 +121,13 @@ class _Answer:
 
 @dataclass
 class _Intent:
+    """A batch a consumer is about to send, recorded so that a crash forms it again."""
+
     consumer: str
     first: int
     last: int
     created: float
     done: threading.Event
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    return db
-
-
-def _create_schema(db: sqlite3.Connection) -> None:
-    db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    for stream in STREAMS:
-        db.execute(
-            f"CREATE TABLE IF NOT EXISTS {stream} "
-            "(seq INTEGER PRIMARY KEY, crc INTEGER NOT NULL, data BLOB NOT NULL)"
-        )
-    db.execute("CREATE TABLE IF NOT EXISTS tails (stream TEXT PRIMARY KEY, last INTEGER NOT NULL)")
-    db.execute(
-        "CREATE TABLE IF NOT EXISTS cursors (exporter TEXT PRIMARY KEY, stream TEXT NOT NULL,"
-        " position INTEGER NOT NULL, batch_first INTEGER, batch_last INTEGER,"
-        " batch_created REAL)"
-    )
-    db.execute(
-        "CREATE TABLE IF NOT EXISTS counters (exporter TEXT NOT NULL, name TEXT NOT NULL,"
-        " value INTEGER NOT NULL, PRIMARY KEY (exporter, name))"
-    )
-    db.execute(
-        "CREATE TABLE IF NOT EXISTS idempotency (scope TEXT PRIMARY KEY, fingerprint BLOB,"
-        " expires REAL NOT NULL, status INTEGER NOT NULL, body BLOB NOT NULL)"
-    )
-    db.execute(
-        "CREATE TABLE IF NOT EXISTS damaged (stream TEXT NOT NULL, first INTEGER NOT NULL,"
-        " last INTEGER NOT NULL)"
-    )
-    for stream in STREAMS:
-        db.execute("INSERT OR IGNORE INTO tails VALUES (?, 0)", (stream,))
-
-
-class SpoolConsumer:
-    """One exporter's view of the spool: read after its cursor, confirm, resume.
-
-    Used from that exporter's worker thread only (it has its own read connection).
-    """
-
-    def __init__(self, spool: Spool, name: str, stream: str, position: int) -> None:
-        self.spool = spool
-        self.name = name
-        self.stream = stream
-        self.position = position  # durable cursor as last confirmed by this consumer
-        self.read_position = position  # rows up to here are being or have been sent
-        self.wake = threading.Event()
-        self.wake_at = 1
-        self.intent: tuple[int, int, float] | None = None  # batch interrupted by a crash
-        self.accepted = 0
-        self.delivered = 0
-        self.dropped: Counter[str] = Counter()
-        # Events of the batch being sent that dropOldest deleted (and counted as dropped)
-        # before the batch was confirmed: its confirmation must not count them again.
-        self.settled_ahead = 0
-        self._db: sqlite3.Connection | None = None
-        self._decoder = msgspec.msgpack.Decoder(Event)
-
-    # -- reading --------------------------------------------------------------------------
-
-    @property
-    def pending(self) -> int:
-        """Committed events after the durable cursor (not yet confirmed)."""
-        return max(self.spool.tail(self.stream) - self.position, 0)
-
-    @property
-    def unread(self) -> int:
-        """Committed events after the read position (not yet formed into a batch)."""
-        return max(self.spool.tail(self.stream) - self.read_position, 0)
-
-    def _connection(self) -> sqlite3.Connection:
-        if self._db is None:
-            self._db = _connect(self.spool.db_path)
-        return self._db
-
-    def read(self, limit: int, upto: int | None = None) -> tuple[list[Event], int, int, int]:
-        """Up to ``limit`` events after the read position (up to sequence ``upto``).
-
-        :returns: ``(events, first, last, damaged)``: the batch covers sequence numbers
-            ``first..last``; ``damaged`` of them could not be read (missing rows or a
-            CRC mismatch: moved aside and counted, never sent).
-        """
-        tail = self.spool.tail(self.stream)
-        start = self.read_position
-        end = tail if upto is None else min(upto, tail)
-        if end <= start:
-            return [], start + 1, start, 0
-        rows = self._connection().execute(
-            f"SELECT seq, crc, data FROM {self.stream} WHERE seq > ? AND seq <= ? "
-            "ORDER BY seq LIMIT ?",
-            (start, end, limit),
-        )
-        events: list[Event] = []
-        known = self.spool._known_damage[self.stream]  # found on open, counted then
-        damaged = count = 0
-        expected = start + 1
-        bad: list[tuple[int, bytes]] = []
-        decode = self._decoder.decode
-        last = start
-        for seq, crc, data in rows:
-            count += 1
-            if seq > expected:
-                damaged += known.missing_between(expected, seq - 1)
-            expected = seq + 1
-            last = seq
-            if zlib.crc32(data) != crc:
-                damaged += 1
-                bad.append((seq, bytes(data)))
-                continue
-            try:
-                events.append(decode(data))
-            except msgspec.DecodeError:
-                damaged += 1
-                bad.append((seq, bytes(data)))
-        if count < limit and last < end:
-            # Fewer rows than asked though more were committed: the rest are missing.
-            damaged += known.missing_between(last + 1, end)
-            last = end
-        if damaged:
-            self.spool._report_damage(self.name, self.stream, start + 1, last, damaged, bad)
-        self.read_position = last
-        return events, start + 1, last, damaged
-
-    def rewind(self) -> None:
-        """Read again from the durable cursor (after a batch was abandoned)."""
-        self.read_position = self.position
-
-    # -- confirming -----------------------------------------------------------------------
-
-    def begin_batch(self, first: int, last: int, created: float, timeout: float = 10.0) -> bool:
-        """Record durably that ``first..last`` is being sent (so a crash forms it again
-        identically); True once committed."""
-        return self.spool._record_intent(self.name, first, last, created, timeout)
-
-    def confirm(
-        self,
-        last: int,
-        delivered: int,
-        dropped: dict[str, int] | None = None,
-        timeout: float | None = 10.0,
-    ) -> bool:
-        """Everything up to ``last`` is handled: ``delivered`` sent, ``dropped`` counted by
-        reason. Waits up to ``timeout`` for the group commit that makes it durable (so a
-        crash resends at most the batch being sent); True once durable."""
-        dropped = {k: v for k, v in (dropped or {}).items() if v}
-        with self.spool._lock:  # against _drop_oldest moving this cursor meanwhile
-            if self.settled_ahead:
-                delivered, dropped = _without_settled(self.settled_ahead, delivered, dropped)
-                self.settled_ahead = 0
-            self.position = max(self.position, last)
-            self.read_position = max(self.read_position, last)
-            self.intent = None
-            self.delivered += delivered
-            self.dropped.update(dropped)
-        item = _Consumed(self.name, last, delivered, dropped)
-        self.spool._confirm(item)
-        if timeout == 0 or not self.spool.writing:
-            return False
-        return item.done.wait(timeout)
-
-    def stats(self) -> ConsumerStats:
-        """In-memory counters (the durable ones can lag by one group commit), read under
-        the spool's lock, which every change to them takes: one moment."""
-        with self.spool._lock:
-            accepted, delivered, dropped = self.accepted, self.delivered, dict(self.dropped)
-            position = self.position
-        return ConsumerStats(
-            exporter=self.name,
-            stream=self.stream,
-            accepted=accepted,
-            delivered=delivered,
-            dropped_by_reason=dropped,
-            pending=accepted - delivered - sum(dropped.values()),
-            cursor=position,
-        )
-
-    def close(self) -> None:
-        """Close the read connection."""
-        if self._db is not None:
-            self._db.close()
-            self._db = None
 
 
 class Spool:
@@ -403,7 +146,7 @@ class Spool:
         self.db_path = self.directory / DB_NAME
         self._commit_interval = settings.commit_interval / 1000.0
         self._waiting: deque[Event | _Submission] = deque()
-        self._control: deque[_Consumed | _Intent | _Refused | _Answer] = deque()
+        self._control: deque[Confirmation | _Intent | _Refused | _Answer] = deque()
         self._consumers: dict[str, SpoolConsumer] = {}
         self._by_stream: dict[str, list[SpoolConsumer]] = {s: [] for s in STREAMS}
         self._tails: dict[str, int] = dict.fromkeys(STREAMS, 0)
@@ -413,7 +156,7 @@ class Spool:
         self._damage_seen: dict[str, set[int]] = {s: set() for s in STREAMS}
         # Sequence ranges found damaged on open and counted then (table `damaged` and
         # the marks): readers skip them without counting them again.
-        self._known_damage: dict[str, _Ranges] = {s: _Ranges([]) for s in STREAMS}
+        self._known_damage: dict[str, SequenceRanges] = {s: SequenceRanges([]) for s in STREAMS}
         self._bytes_used = 0
         self._blocked_since: float | None = None
         self._last_write_error = 0.0
@@ -470,8 +213,8 @@ class Spool:
 
     def _open(self) -> sqlite3.Connection:
         try:
-            db = _connect(self.db_path)
-            _create_schema(db)
+            db = connect(self.db_path)
+            create_schema(db)
             problem = db.execute("PRAGMA quick_check").fetchone()[0]
         except sqlite3.DatabaseError as exc:
             problem = str(exc)
@@ -481,115 +224,7 @@ class Spool:
             if problem == "ok":
                 return db
             db.close()
-        return self._salvage(problem)
-
-    def _move_aside(self) -> tuple[Path, Path]:
-        """Move the database files into ``damaged/``; return the folder and the path."""
-        damaged_dir = self.directory / DAMAGED_DIR
-        damaged_dir.mkdir(exist_ok=True)
-        stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{secrets.token_hex(3)}"
-        aside = damaged_dir / f"spool-{stamp}.db"
-        for suffix in ("", "-wal", "-shm"):
-            source = Path(f"{self.db_path}{suffix}")
-            if source.exists():
-                os.replace(source, Path(f"{aside}{suffix}"))
-        return damaged_dir, aside
-
-    def _salvage(self, problem: str) -> sqlite3.Connection:
-        """Copy every readable row of a damaged database into a new one; move the old
-        files aside. Counts the events lost exactly from the recorded tails."""
-        logger.error(
-            "spool %s: the database is damaged (%s); recovering every readable event",
-            self.directory,
-            problem,
-        )
-        damaged_dir, aside = self._move_aside()
-        new = _connect(self.db_path)
-        _create_schema(new)
-        old: sqlite3.Connection | None = None
-        with contextlib.suppress(sqlite3.DatabaseError):
-            old = sqlite3.connect(f"file:{aside}?mode=ro", uri=True, isolation_level=None)
-        meta: dict[str, str] = {}
-        damaged: list[tuple[Any, ...]] = []
-        tails: dict[str, int] = {}
-        cursors: list[tuple[Any, ...]] = []
-        counters: list[tuple[Any, ...]] = []
-        if old is not None:
-            meta = dict(_try_rows(old, "SELECT key, value FROM meta"))
-            tails = {str(s): int(t) for s, t in _try_rows(old, "SELECT stream, last FROM tails")}
-            cursors = _try_rows(old, "SELECT * FROM cursors")
-            counters = _try_rows(old, "SELECT * FROM counters")
-            damaged = _try_rows(old, "SELECT stream, first, last FROM damaged")
-        marks = self._read_marks()
-        if marks is not None:
-            # The database's own figures when readable, else the copy.
-            for stream, last in marks["tails"].items():
-                tails[stream] = max(tails.get(stream, 0), int(last))
-            if not cursors:
-                cursors = [
-                    (name, stream, int(position), None, None, None)
-                    for name, (stream, position) in marks["cursors"].items()
-                ]
-            if not counters:
-                counters = [
-                    (name, key, int(value))
-                    for name, values in marks["counters"].items()
-                    for key, value in values.items()
-                ]
-            meta.setdefault("id", str(marks.get("id", "")) or secrets.token_hex(8))
-        new.execute("BEGIN")
-        for key, value in meta.items():
-            new.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
-        new.executemany("INSERT OR REPLACE INTO cursors VALUES (?, ?, ?, ?, ?, ?)", cursors)
-        new.executemany("INSERT OR REPLACE INTO counters VALUES (?, ?, ?)", counters)
-        new.executemany("INSERT INTO damaged VALUES (?, ?, ?)", damaged)
-        scanned = self._scan(aside)
-        for stream in STREAMS:
-            low = min((int(c[2]) for c in cursors if c[1] == stream), default=0)
-            found = {row[0]: row for row in scanned[stream] if row[0] > low}
-            if old is not None:
-                found.update((row[0], row) for row in _salvage_rows(old, stream, low))
-            rows = [found[seq] for seq in sorted(found)]
-            new.executemany(f"INSERT INTO {stream} VALUES (?, ?, ?)", rows)
-            tail = max(tails.get(stream, 0), rows[-1][0] if rows else 0)
-            new.execute("UPDATE tails SET last = ? WHERE stream = ?", (tail, stream))
-        new.execute("COMMIT")
-        if old is not None:
-            old.close()
-        logger.error(
-            "spool %s: copied every readable event into a new database; the damaged files "
-            "are in %s (the events lost are counted next)",
-            self.directory,
-            damaged_dir,
-        )
-        return new
-
-    @staticmethod
-    def _scan(database: Path) -> dict[str, list[tuple[int, int, bytes]]]:
-        """Intact rows read from the pages of a damaged database, by stream (the event's
-        own ``kind`` tells which)."""
-        decode = msgspec.msgpack.Decoder(Event).decode
-        by_stream: dict[str, list[tuple[int, int, bytes]]] = {s: [] for s in STREAMS}
-        for candidates in scan_rows(database).values():
-            seen: set[str] = set()
-            for seq, crc, data in candidates:
-                try:
-                    stream = _STREAM_OF[type(decode(data))]
-                except (msgspec.DecodeError, KeyError):
-                    continue
-                if stream not in seen:
-                    seen.add(stream)
-                    by_stream[stream].append((seq, crc, data))
-        return by_stream
-
-    def _read_marks(self) -> dict[str, Any] | None:
-        try:
-            marks = json.loads((self.directory / MARKS_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        if not isinstance(marks, dict) or not {"tails", "cursors", "counters"} <= marks.keys():
-            return None
-        return marks
+        return salvage_database(self.directory, problem)
 
     def _write_marks(self) -> None:
         """Rewrite the marks file (atomically by rename; not synced: it only matters when
@@ -624,23 +259,23 @@ class Spool:
         if row is None:
             self.id = secrets.token_hex(8)
             db.execute("INSERT INTO meta VALUES ('id', ?)", (self.id,))
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('version', ?)", (_SCHEMA_VERSION,))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('version', ?)", (SCHEMA_VERSION,))
         else:
             self.id = str(row[0])
-        marks = self._read_marks() or {}
+        marks = read_marks(self.directory) or {}
         marked_tails = {str(k): int(v) for k, v in dict(marks.get("tails", {})).items()}
         for stream, last in db.execute("SELECT stream, last FROM tails"):
             if stream in self._tails:
                 self._tails[stream] = self._plausible_tail(stream, int(last), marked_tails)
         spans: dict[str, list[tuple[int, int]]] = {s: [] for s in STREAMS}
-        for stream, first, last in _try_rows(db, "SELECT stream, first, last FROM damaged"):
+        for stream, first, last in try_rows(db, "SELECT stream, first, last FROM damaged"):
             if stream in spans:
                 spans[stream].append((int(first), int(last)))
         for stream, marked in dict(marks.get("damaged", {})).items():
             if stream in spans:
                 spans[stream].extend((int(a), int(b)) for a, b in marked)
         for stream in STREAMS:
-            self._known_damage[stream] = _Ranges.merge(spans[stream])
+            self._known_damage[stream] = SequenceRanges.merge(spans[stream])
             self._verify(db, stream)
         self._measure()
 
@@ -690,7 +325,7 @@ class Spool:
         known = self._known_damage[stream]
         new_spans = [piece for a, b in gaps for piece in known.subtract(a, b)]
         new_spans += [(seq, seq) for seq, _ in bad if not known.contains(seq)]
-        new = _Ranges.merge(new_spans)
+        new = SequenceRanges.merge(new_spans)
         if not bad and not new.spans:
             return
         db.execute("BEGIN IMMEDIATE")
@@ -707,7 +342,7 @@ class Spool:
                     (name, lost),
                 )
         db.execute("COMMIT")
-        self._known_damage[stream] = _Ranges.merge(known.spans + new.spans)
+        self._known_damage[stream] = SequenceRanges.merge(known.spans + new.spans)
         self._damaged += new.total
         kept = self._keep_damaged(stream, "open", bad)
         logger.error(
@@ -812,7 +447,7 @@ class Spool:
             if name not in self._consumers:
                 left = 0
                 if stream in self._tails:
-                    left = _rows_pending(db, str(stream), self._tails[stream], int(position))
+                    left = rows_pending(db, str(stream), self._tails[stream], int(position))
                 logger.warning(
                     "spool %s: exporter %r is no longer configured; its %d undelivered "
                     "events are abandoned (run `flagsink status --spool %s --drained` before "
@@ -905,7 +540,7 @@ class Spool:
             self._apply_control_only(db)
             return False
         items, events, submissions = self._take()
-        control: list[_Consumed | _Intent | _Refused | _Answer] = []
+        control: list[Confirmation | _Intent | _Refused | _Answer] = []
         while self._control:
             control.append(self._control.popleft())
         if not events and not control and not submissions:
@@ -958,7 +593,7 @@ class Spool:
         size = 0
         encode = self._encode
         for event in events:
-            stream = _STREAM_OF.get(type(event))
+            stream = STREAM_OF.get(type(event))
             if stream is None:
                 continue
             data = encode(event)
@@ -972,7 +607,7 @@ class Spool:
         db: sqlite3.Connection,
         rows: dict[str, list[tuple[int, int, bytes]]],
         tails: dict[str, int],
-        control: list[_Consumed | _Intent | _Refused | _Answer],
+        control: list[Confirmation | _Intent | _Refused | _Answer],
     ) -> None:
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -1008,11 +643,11 @@ class Spool:
         self,
         db: sqlite3.Connection,
         rows: dict[str, list[tuple[int, int, bytes]]],
-        control: list[_Consumed | _Intent | _Refused | _Answer],
+        control: list[Confirmation | _Intent | _Refused | _Answer],
         submissions: list[_Submission],
     ) -> None:
         for item in control:
-            if isinstance(item, _Consumed | _Intent):
+            if isinstance(item, Confirmation | _Intent):
                 item.done.set()
         for submission in submissions:
             _call(submission.callback, True)
@@ -1021,11 +656,11 @@ class Spool:
                 for consumer in self._by_stream[stream]:
                     if consumer.unread >= consumer.wake_at:
                         consumer.wake.set()
-        if any(isinstance(item, _Consumed) for item in control):
+        if any(isinstance(item, Confirmation) for item in control):
             self._maybe_compact(db)
 
     def _apply_control_only(self, db: sqlite3.Connection) -> None:
-        control: list[_Consumed | _Intent | _Refused | _Answer] = []
+        control: list[Confirmation | _Intent | _Refused | _Answer] = []
         while self._control:
             control.append(self._control.popleft())
         if not control:
@@ -1034,12 +669,12 @@ class Spool:
         self._apply(db, control)
         db.execute("COMMIT")
         for item in control:
-            if isinstance(item, _Consumed | _Intent):
+            if isinstance(item, Confirmation | _Intent):
                 item.done.set()
         self._maybe_compact(db)
 
     def _apply(
-        self, db: sqlite3.Connection, control: list[_Consumed | _Intent | _Refused | _Answer]
+        self, db: sqlite3.Connection, control: list[Confirmation | _Intent | _Refused | _Answer]
     ) -> None:
         for item in control:
             if isinstance(item, _Answer):
@@ -1103,7 +738,7 @@ class Spool:
             db.execute(f"DELETE FROM {stream} WHERE seq <= ?", (low,))
             if self._known_damage[stream].spans:
                 db.execute("DELETE FROM damaged WHERE stream = ? AND last <= ?", (stream, low))
-                self._known_damage[stream] = _Ranges(self._known_damage[stream].above(low))
+                self._known_damage[stream] = SequenceRanges(self._known_damage[stream].above(low))
             if stream == STREAMS[0]:
                 db.execute("DELETE FROM idempotency WHERE expires < ?", (time.time(),))
             faultpoints.hit("spool.during_compaction")
@@ -1130,7 +765,7 @@ class Spool:
         db: sqlite3.Connection,
         size: int,
         items: list[Event | _Submission],
-        control: list[_Consumed | _Intent | _Refused | _Answer],
+        control: list[Confirmation | _Intent | _Refused | _Answer],
     ) -> bool:
         """The spool is full: apply the policy. True when the commit may go on."""
         self._measure()
@@ -1225,7 +860,7 @@ class Spool:
                 _call(item.callback, False)
                 returned += len(item.events)
                 continue
-            stream = _STREAM_OF.get(type(item))
+            stream = STREAM_OF.get(type(item))
             if stream is not None:
                 refused[stream] += 1
                 total += 1
@@ -1261,7 +896,7 @@ class Spool:
         """Answers kept and not expired: ``(scope, fingerprint, status, body, seconds
         left)``. Read once at start, before the writer runs."""
         now = time.time()
-        rows = _try_rows(
+        rows = try_rows(
             self._db,
             "SELECT scope, fingerprint, status, body, expires FROM idempotency ORDER BY expires",
         )
@@ -1273,7 +908,7 @@ class Spool:
 
     # -- used by consumers ----------------------------------------------------------------
 
-    def _confirm(self, item: _Consumed) -> None:
+    def _confirm(self, item: Confirmation) -> None:
         self._control.append(item)
 
     def _record_intent(
@@ -1378,160 +1013,8 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_disable_in_child)
 
 
-class _Ranges:
-    """Sorted, disjoint, non-adjacent ``(first, last)`` ranges of sequence numbers."""
-
-    def __init__(self, spans: list[tuple[int, int]]) -> None:
-        self.spans = spans
-        self._firsts = [first for first, _ in spans]
-
-    @classmethod
-    def merge(cls, spans: list[tuple[int, int]]) -> _Ranges:
-        merged: list[tuple[int, int]] = []
-        for first, last in sorted(spans):
-            if merged and first <= merged[-1][1] + 1:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], last))
-            else:
-                merged.append((first, last))
-        return cls(merged)
-
-    @property
-    def total(self) -> int:
-        return sum(last - first + 1 for first, last in self.spans)
-
-    def contains(self, n: int) -> bool:
-        i = bisect.bisect_right(self._firsts, n) - 1
-        return i >= 0 and self.spans[i][0] <= n <= self.spans[i][1]
-
-    def subtract(self, first: int, last: int) -> list[tuple[int, int]]:
-        """The parts of ``first..last`` outside these ranges."""
-        pieces = []
-        at = first
-        start = max(bisect.bisect_right(self._firsts, first) - 1, 0)
-        for a, b in self.spans[start:]:
-            if a > last:
-                break
-            if b < at:
-                continue
-            if a > at:
-                pieces.append((at, a - 1))
-            at = max(at, b + 1)
-        if at <= last:
-            pieces.append((at, last))
-        return pieces
-
-    def missing_between(self, first: int, last: int) -> int:
-        """How many of ``first..last`` are not in these ranges."""
-        return sum(b - a + 1 for a, b in self.subtract(first, last))
-
-    def count_above(self, position: int) -> int:
-        return sum(b - max(a, position + 1) + 1 for a, b in self.spans if b > position)
-
-    def above(self, position: int) -> list[tuple[int, int]]:
-        return [(max(a, position + 1), b) for a, b in self.spans if b > position]
-
-
-def _without_settled(
-    settled: int, delivered: int, dropped: dict[str, int]
-) -> tuple[int, dict[str, int]]:
-    """A batch's outcome without its first ``settled`` events, already counted as
-    dropped when ``dropOldest`` deleted them while the batch was being sent."""
-    take = min(settled, delivered)
-    delivered -= take
-    settled -= take
-    rest = dict(dropped)
-    for reason in list(rest):
-        take = min(settled, rest[reason])
-        rest[reason] -= take
-        settled -= take
-    return delivered, {k: v for k, v in rest.items() if v}
-
-
 def _call(callback: Callable[[bool], None], ok: bool) -> None:
     try:
         callback(ok)
     except Exception:
         logger.exception("spool: a commit callback failed")
-
-
-def _try_rows(db: sqlite3.Connection, sql: str) -> list[tuple[Any, ...]]:
-    try:
-        return db.execute(sql).fetchall()
-    except sqlite3.DatabaseError:
-        return []
-
-
-def _salvage_rows(db: sqlite3.Connection, stream: str, low: int) -> list[tuple[int, int, bytes]]:
-    """Every readable row with a valid CRC after ``low``, skipping unreadable ranges."""
-    rows: list[tuple[int, int, bytes]] = []
-    position = low
-    step = 1
-    failures = 0
-    while failures < 64:
-        try:
-            chunk = db.execute(
-                f"SELECT seq, crc, data FROM {stream} WHERE seq > ? ORDER BY seq LIMIT 1000",
-                (position,),
-            ).fetchall()
-        except sqlite3.DatabaseError:
-            # Jump over the unreadable part, further each time it persists.
-            failures += 1
-            position += step
-            step *= 2
-            continue
-        if not chunk:
-            break
-        failures, step = 0, 1
-        for seq, crc, data in chunk:
-            if isinstance(data, bytes) and zlib.crc32(data) == crc:
-                rows.append((int(seq), int(crc), data))
-        position = int(chunk[-1][0])
-    return rows
-
-
-def _rows_pending(db: sqlite3.Connection, stream: str, tail: int, position: int) -> int:
-    """Events after ``position`` still to handle (damage was counted on open)."""
-    spans = db.execute("SELECT first, last FROM damaged WHERE stream = ?", (stream,)).fetchall()
-    known = _Ranges.merge([(int(a), int(b)) for a, b in spans])
-    return tail - position - known.count_above(position)
-
-
-def inspect_spool(directory: str | os.PathLike[str]) -> list[ConsumerStats]:
-    """Read the durable counters of a spool directory (read-only; safe while in use)."""
-    path = Path(directory).expanduser() / DB_NAME
-    if not path.exists():
-        raise SpoolError(f"{Path(directory)}: no spool here (no {DB_NAME})")
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
-        # One read transaction: tails, cursors and counters from the same commit.
-        db.execute("BEGIN")
-        tails = dict(db.execute("SELECT stream, last FROM tails").fetchall())
-        result = []
-        for name, stream, position in db.execute(
-            "SELECT exporter, stream, position FROM cursors ORDER BY exporter"
-        ).fetchall():
-            counts = dict(
-                db.execute(
-                    "SELECT name, value FROM counters WHERE exporter = ?", (name,)
-                ).fetchall()
-            )
-            dropped = {
-                key[len("dropped:") :]: int(value)
-                for key, value in counts.items()
-                if key.startswith("dropped:")
-            }
-            result.append(
-                ConsumerStats(
-                    exporter=name,
-                    stream=stream,
-                    accepted=int(counts.get("accepted", 0)),
-                    delivered=int(counts.get("delivered", 0)),
-                    dropped_by_reason=dropped,
-                    pending=_rows_pending(db, stream, int(tails.get(stream, 0)), int(position)),
-                    cursor=int(position),
-                )
-            )
-        db.close()
-    except sqlite3.DatabaseError as exc:
-        raise SpoolError(f"{path}: cannot read the spool: {exc}") from None
-    return result

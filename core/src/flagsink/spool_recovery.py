@@ -1,20 +1,48 @@
-"""Reads spooled events straight from the pages of a damaged SQLite database.
+"""Recovery of a damaged spool database: :func:`salvage_database` moves the damaged files
+aside under ``damaged/`` and copies every event still readable into a new database, with
+the cursors and counters (from the database, else from the marks file); the spool then
+counts what was lost (see :mod:`flagsink.spool`).
 
-When damage hides rows from SQLite itself (a truncated file, a broken interior page),
-the events are often still intact in their leaf pages. This scanner walks every page of
-the database file (and of its WAL), parses table leaf cells as the SQLite file format
-describes them (https://www.sqlite.org/fileformat2.html), and keeps the cells shaped
-like a spool row: ``(rowid, NULL, integer CRC, blob)`` whose blob matches its CRC. The
-caller decides which of them are still undelivered.
+The events are read through SQLite where it still can, and :func:`scan_rows` reads them
+straight from the pages of the database: when damage hides rows from SQLite itself (a
+truncated file, a broken interior page), the events are often still intact in their leaf
+pages. This scanner walks every page of the database file (and of its WAL), parses table
+leaf cells as the SQLite file format describes them
+(https://www.sqlite.org/fileformat2.html), and keeps the cells shaped like a spool row:
+``(rowid, NULL, integer CRC, blob)`` whose blob matches its CRC. The caller decides which
+of them are still undelivered.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import secrets
+import sqlite3
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["scan_rows"]
+import msgspec
+
+from flagsink.event import Event
+from flagsink.spool_schema import (
+    DAMAGED_DIR,
+    DB_NAME,
+    STREAM_OF,
+    STREAMS,
+    connect,
+    create_schema,
+    read_marks,
+    try_rows,
+)
+
+__all__ = ["salvage_database", "scan_rows"]
+
+logger = logging.getLogger("flagsink.spool")
 
 _LEAF_TABLE = 13
 _WAL_HEADER = 32
@@ -190,3 +218,140 @@ def scan_rows(database: Path) -> dict[int, list[tuple[int, int, bytes]]]:
                 for row in _cells(page, offset, wal_page_size, pages):
                     found.setdefault(row[0], []).append(row)
     return found
+
+
+# -- salvage of a damaged database ---------------------------------------------------------
+
+
+def _move_aside(directory: Path) -> tuple[Path, Path]:
+    """Move the database files into ``damaged/``; return the folder and the path."""
+    damaged_dir = directory / DAMAGED_DIR
+    damaged_dir.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S") + f"-{secrets.token_hex(3)}"
+    aside = damaged_dir / f"spool-{stamp}.db"
+    for suffix in ("", "-wal", "-shm"):
+        source = Path(f"{directory / DB_NAME}{suffix}")
+        if source.exists():
+            os.replace(source, Path(f"{aside}{suffix}"))
+    return damaged_dir, aside
+
+
+def salvage_database(directory: Path, problem: str) -> sqlite3.Connection:
+    """Copy every readable row of a damaged database into a new one; move the old
+    files aside. Counts the events lost exactly from the recorded tails.
+
+    :param directory: the spool directory (its database is :data:`DB_NAME`).
+    :param problem: what is wrong with the database, for the log.
+    :returns: the new database, open, with the schema, the rows, cursors and counters.
+    """
+    logger.error(
+        "spool %s: the database is damaged (%s); recovering every readable event",
+        directory,
+        problem,
+    )
+    damaged_dir, aside = _move_aside(directory)
+    new = connect(directory / DB_NAME)
+    create_schema(new)
+    old: sqlite3.Connection | None = None
+    with contextlib.suppress(sqlite3.DatabaseError):
+        old = sqlite3.connect(f"file:{aside}?mode=ro", uri=True, isolation_level=None)
+    meta: dict[str, str] = {}
+    damaged: list[tuple[Any, ...]] = []
+    tails: dict[str, int] = {}
+    cursors: list[tuple[Any, ...]] = []
+    counters: list[tuple[Any, ...]] = []
+    if old is not None:
+        meta = dict(try_rows(old, "SELECT key, value FROM meta"))
+        tails = {str(s): int(t) for s, t in try_rows(old, "SELECT stream, last FROM tails")}
+        cursors = try_rows(old, "SELECT * FROM cursors")
+        counters = try_rows(old, "SELECT * FROM counters")
+        damaged = try_rows(old, "SELECT stream, first, last FROM damaged")
+    marks = read_marks(directory)
+    if marks is not None:
+        # The database's own figures when readable, else the copy.
+        for stream, last in marks["tails"].items():
+            tails[stream] = max(tails.get(stream, 0), int(last))
+        if not cursors:
+            cursors = [
+                (name, stream, int(position), None, None, None)
+                for name, (stream, position) in marks["cursors"].items()
+            ]
+        if not counters:
+            counters = [
+                (name, key, int(value))
+                for name, values in marks["counters"].items()
+                for key, value in values.items()
+            ]
+        meta.setdefault("id", str(marks.get("id", "")) or secrets.token_hex(8))
+    new.execute("BEGIN")
+    for key, value in meta.items():
+        new.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+    new.executemany("INSERT OR REPLACE INTO cursors VALUES (?, ?, ?, ?, ?, ?)", cursors)
+    new.executemany("INSERT OR REPLACE INTO counters VALUES (?, ?, ?)", counters)
+    new.executemany("INSERT INTO damaged VALUES (?, ?, ?)", damaged)
+    scanned = _scan(aside)
+    for stream in STREAMS:
+        low = min((int(c[2]) for c in cursors if c[1] == stream), default=0)
+        found = {row[0]: row for row in scanned[stream] if row[0] > low}
+        if old is not None:
+            found.update((row[0], row) for row in _salvage_rows(old, stream, low))
+        rows = [found[seq] for seq in sorted(found)]
+        new.executemany(f"INSERT INTO {stream} VALUES (?, ?, ?)", rows)
+        tail = max(tails.get(stream, 0), rows[-1][0] if rows else 0)
+        new.execute("UPDATE tails SET last = ? WHERE stream = ?", (tail, stream))
+    new.execute("COMMIT")
+    if old is not None:
+        old.close()
+    logger.error(
+        "spool %s: copied every readable event into a new database; the damaged files "
+        "are in %s (the events lost are counted next)",
+        directory,
+        damaged_dir,
+    )
+    return new
+
+
+def _scan(database: Path) -> dict[str, list[tuple[int, int, bytes]]]:
+    """Intact rows read from the pages of a damaged database, by stream (the event's
+    own ``kind`` tells which)."""
+    decode = msgspec.msgpack.Decoder(Event).decode
+    by_stream: dict[str, list[tuple[int, int, bytes]]] = {s: [] for s in STREAMS}
+    for candidates in scan_rows(database).values():
+        seen: set[str] = set()
+        for seq, crc, data in candidates:
+            try:
+                stream = STREAM_OF[type(decode(data))]
+            except (msgspec.DecodeError, KeyError):
+                continue
+            if stream not in seen:
+                seen.add(stream)
+                by_stream[stream].append((seq, crc, data))
+    return by_stream
+
+
+def _salvage_rows(db: sqlite3.Connection, stream: str, low: int) -> list[tuple[int, int, bytes]]:
+    """Every readable row with a valid CRC after ``low``, skipping unreadable ranges."""
+    rows: list[tuple[int, int, bytes]] = []
+    position = low
+    step = 1
+    failures = 0
+    while failures < 64:
+        try:
+            chunk = db.execute(
+                f"SELECT seq, crc, data FROM {stream} WHERE seq > ? ORDER BY seq LIMIT 1000",
+                (position,),
+            ).fetchall()
+        except sqlite3.DatabaseError:
+            # Jump over the unreadable part, further each time it persists.
+            failures += 1
+            position += step
+            step *= 2
+            continue
+        if not chunk:
+            break
+        failures, step = 0, 1
+        for seq, crc, data in chunk:
+            if isinstance(data, bytes) and zlib.crc32(data) == crc:
+                rows.append((int(seq), int(crc), data))
+        position = int(chunk[-1][0])
+    return rows

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from flagsink.accounting import MEMORY_REASONS, SPOOL_REASONS, balanced
 from flagsink.pipeline import Pipeline
 from flagsink.relay.idempotency import IdempotencyStore
 from flagsink.scheduler import SchedulerStats
@@ -27,18 +28,12 @@ _REJECTIONS = ("invalid", "overloaded")
 _EXPORT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
-# Drop reasons always shown (zero until they happen), so rate() and alerts work from the
-# start; any other reason appears once it has counted something.
-_MEMORY_REASONS = ("overflow", "rejected", "shutdown")
-_SPOOL_REASONS = ("rejected", "spool_full", "damaged")
-
-
 def exporter_figures(stats: SchedulerStats) -> dict[str, Any]:
     """One exporter's accounting, from one snapshot: ``accepted == delivered +
     sum(dropped.values()) + pending`` (and ``pending == buffered + inFlight`` without a
     spool). The ``GET /v1/status`` entry of the exporter."""
     spooled = bool(stats.extra.get("spooled"))
-    dropped = dict.fromkeys(_SPOOL_REASONS if spooled else _MEMORY_REASONS, 0)
+    dropped = dict.fromkeys(SPOOL_REASONS if spooled else MEMORY_REASONS, 0)
     dropped.update(stats.dropped_by_reason)
     figures: dict[str, Any] = {
         "name": stats.exporter,
@@ -59,17 +54,6 @@ def exporter_figures(stats: SchedulerStats) -> dict[str, Any]:
         figures["redelivered"] = int(stats.extra.get("redelivered", 0))
     figures["balanced"] = balanced(figures)
     return figures
-
-
-def balanced(figures: Mapping[str, Any]) -> bool:
-    """True when ``accepted == delivered + dropped + pending`` and no figure is negative."""
-    try:
-        dropped = [int(n) for n in dict(figures["dropped"]).values()]
-        parts = [int(figures["delivered"]), int(figures["pending"]), *dropped]
-        accepted = int(figures["accepted"])
-    except (KeyError, TypeError, ValueError):
-        return False
-    return accepted == sum(parts) and min([accepted, *parts]) >= 0
 
 
 def spool_figures(pipeline: Pipeline) -> dict[str, Any] | None:
