@@ -425,3 +425,41 @@ def _no_leftover_threads() -> Iterator[None]:
             return
         time.sleep(0.01)
     raise AssertionError(f"spool threads left running: {extra}")
+
+
+def test_an_idempotent_batch_is_sent_only_once_its_record_is_on_disk(spool_dir: Path) -> None:
+    from collections.abc import Sequence
+
+    from flagsink.exporter import Batch, Exporter, ExporterSettings
+    from flagsink.spooled import SpoolScheduler
+
+    seen: list[tuple[int, object]] = []
+
+    class Careful(Exporter[ExporterSettings]):
+        kind = "careful"
+
+        def export(self, events: Sequence[Event]) -> None:
+            raise AssertionError("export_batch is used")
+
+        def export_batch(self, events: Sequence[Event], batch: Batch) -> None:
+            with sqlite3.connect(spool_dir / DB_NAME) as db:
+                recorded = db.execute("SELECT batch_first FROM cursors").fetchone()[0]
+            seen.append((batch.first, recorded))
+
+    spool, _ = open_spool(spool_dir, "careful")  # a backlog from an earlier run
+    spool.append_many([ev(i) for i in range(25)])
+    assert spool.sync(5)
+    spool.close()
+    spool = Spool(SpoolSettings(dir=str(spool_dir)))
+    consumer = spool.consumer("careful")
+    # Started before the spool's writer: nothing may be sent until a record can be made.
+    scheduler = SpoolScheduler(Careful(), consumer, max_events_in_memory=10, flush_interval=0.05)
+    # The worker formed a batch, could not record it, and put it back unsent.
+    assert wait_until(lambda: scheduler._retry_at > 0, 5)
+    assert seen == []
+    spool.start()
+    assert scheduler.flush(10)
+    assert [first for first, _ in seen] == [1, 11, 21]
+    assert all(recorded == first for first, recorded in seen)
+    scheduler.close(5)
+    spool.close()

@@ -38,9 +38,18 @@ def fail_config(exc: ConfigError) -> NoReturn:
 
 
 def _room(scheduler: DataExporterScheduler | SpoolScheduler) -> int:
-    """Events ``scheduler`` can take before its cap drops any (a failed batch comes back)."""
-    stats = scheduler.stats()
-    return scheduler.max_buffered_events - stats.buffered - stats.in_flight
+    """Events ``scheduler`` can take now without any being dropped or refused (in memory:
+    before its cap, counting a failed batch that comes back; with a spool: before the
+    events waiting for a commit pile up, and never while the spool is full)."""
+    return scheduler.free_capacity
+
+
+def _make_room(scheduler: DataExporterScheduler | SpoolScheduler, timeout: float) -> bool:
+    """Let ``scheduler`` catch up for up to ``timeout`` seconds; True when it did."""
+    if isinstance(scheduler, SpoolScheduler):
+        # The spool takes everything it has room for: wait for the commit, not the sink.
+        return scheduler.consumer.spool.sync(timeout) and _room(scheduler) > 0
+    return scheduler.flush(timeout)
 
 
 def wait_for_room(pipeline: Pipeline, timeout: float) -> int:
@@ -51,7 +60,7 @@ def wait_for_room(pipeline: Pipeline, timeout: float) -> int:
     for scheduler in pipeline.schedulers:
         deadline = time.monotonic() + timeout
         while _room(scheduler) < 1:
-            if scheduler.flush(max(deadline - time.monotonic(), 0.0)):
+            if _make_room(scheduler, max(deadline - time.monotonic(), 0.0)):
                 break
             if time.monotonic() >= deadline:
                 error = scheduler.stats().last_error

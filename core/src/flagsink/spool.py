@@ -189,13 +189,14 @@ class Spool:
         _live.add(self)
 
     def _forked(self) -> None:
-        self._refused_in_child = 0
+        self._refused = 0
         self._closed = True
         self._started = False
 
         def refuse(event: object) -> None:
-            self._refused_in_child += 1
-            if self._refused_in_child == 1:
+            # Counted in stats().refused (this process's own figure).
+            self._refused += 1
+            if self._refused == 1:
                 logger.error(
                     "spool %s: events added in a process forked after the spool was "
                     "opened are refused (counted); open the pipeline after forking",
@@ -497,6 +498,11 @@ class Spool:
     def has_room(self) -> bool:
         """False while the spool is full under the ``block`` policy (new events wait)."""
         return not self._full
+
+    @property
+    def waiting(self) -> int:
+        """Items handed in and not yet committed."""
+        return len(self._waiting)
 
     @property
     def writing(self) -> bool:

@@ -31,6 +31,8 @@ logger = logging.getLogger("flagsink.scheduler")
 
 # Spooled events do not count against a memory cap; the spool's maxBytes bounds them.
 _UNBOUNDED = 2**62
+# Seconds before trying again to record a batch whose record could not be committed.
+_INTENT_RETRY = 0.1
 
 
 @dataclass
@@ -106,6 +108,7 @@ class SpoolScheduler:
         self._last_error_time: float | None = None
         self._attempt = 0
         self._retry_at = 0.0
+        self._intent_pending = False
         self._next_flush = time.monotonic() + self.flush_interval
         self._deadline = float("inf")
         self._started = False
@@ -126,8 +129,13 @@ class SpoolScheduler:
 
     @property
     def free_capacity(self) -> int:
-        """Room before new events must wait: unbounded unless the spool is full."""
-        return _UNBOUNDED if self.consumer.spool.has_room else 0
+        """Events that can be added now without risk of being refused: half of what the
+        spool lets wait in memory for a commit, less what waits already; 0 while the
+        spool is full."""
+        spool = self.consumer.spool
+        if not spool.has_room:
+            return 0
+        return max(spool.settings.max_pending_in_memory // 2 - spool.waiting, 0)
 
     # -- control --------------------------------------------------------------------------
 
@@ -289,17 +297,27 @@ class SpoolScheduler:
             if end < first:
                 return None
             identity = Batch(spool_id, self.name, first, time.time())
-            if self._idempotent and events:
-                consumer.begin_batch(first, end, identity.created, self._wait_budget())
+            if (
+                self._idempotent
+                and events
+                and not consumer.begin_batch(first, end, identity.created, self._wait_budget())
+            ):
+                # Never send a batch whose record is not on disk: after a crash it could
+                # be formed again differently and stored twice. Read it again later.
+                consumer.rewind()
+                self._retry_at = time.monotonic() + _INTENT_RETRY
+                self._intent_pending = True
+                return None
         sending = _Sending(events, identity, end)
         if damaged:
             sending.dropped["damaged"] += damaged
         return sending
 
     def _export_batch(self) -> bool:
+        self._intent_pending = False
         sending = self._sending or self._form_batch()
         if sending is None:
-            return True
+            return not self._intent_pending
         self._sending = sending
         batch = sending.events
         retry: Sequence[Event] = ()
