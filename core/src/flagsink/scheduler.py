@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import secrets
 import threading
 import time
@@ -23,7 +22,8 @@ from typing import Any
 
 from flagsink.deadletter import DeadLetterFile
 from flagsink.event import Event
-from flagsink.exporter import Batch, Exporter, PartialExportError, PermanentExportError
+from flagsink.export_worker import ExportWorker, retry_delay
+from flagsink.exporter import Batch, Exporter
 
 __all__ = ["DataExporterScheduler", "SchedulerStats", "retry_delay"]
 
@@ -94,28 +94,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _retry_after(error: BaseException) -> float | None:
-    """The optional ``retry_after`` (seconds) an exporter's error carries, if usable."""
-    value = getattr(error, "retry_after", None)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if 0 <= value < float("inf") else None
-
-
-def retry_delay(attempt: int, initial: float, longest: float, error: BaseException) -> float:
-    """Seconds before retry number ``attempt + 1``: exponential with equal jitter, at
-    least the error's ``retry_after`` (when it has one), never more than ``longest``."""
-    delay = min(longest, initial * 2.0**attempt)
-    delay *= 0.5 + random.random() / 2  # equal jitter: [delay/2, delay)
-    retry_after = _retry_after(error)
-    if retry_after is not None:
-        # The sink said when to come back (e.g. HTTP Retry-After): not sooner, but never
-        # later than the longest delay.
-        delay = min(longest, max(delay, retry_after))
-    return delay
-
-
-class DataExporterScheduler:
+class DataExporterScheduler(ExportWorker):
     """Feeds one exporter from a bounded in-memory buffer.
 
     :param exporter: the exporter to feed; ``exporter.bulk`` selects batch or queue mode.
@@ -210,35 +189,6 @@ class DataExporterScheduler:
 
     # -- control --------------------------------------------------------------------------
 
-    def start(self) -> None:
-        """Start the worker thread (done by the constructor unless ``start=False``)."""
-        if self._started or self._closed:
-            return
-        self._started = True
-        self._worker = threading.Thread(target=self._run, name=f"flagsink-{self.name}", daemon=True)
-        self._worker.start()
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Export everything buffered now, ignoring backoff, and wait for it.
-
-        :returns: True when nothing is left buffered or in flight afterwards.
-        """
-        return self.wait_flushed(self.request_flush(), timeout)
-
-    def request_flush(self) -> int:
-        """Ask the worker to export everything buffered now; return a ticket to wait on."""
-        with self._cond:
-            self._flush_requested += 1
-            self._wake.set()
-            return self._flush_requested
-
-    def wait_flushed(self, ticket: int, timeout: float | None = None) -> bool:
-        """Wait for the flush of ``ticket``; True when nothing is left buffered or in flight."""
-        if self._started and not self._closed:
-            with self._cond:
-                self._cond.wait_for(lambda: self._flush_done >= ticket, timeout)
-        return not self._buffer and self._in_flight == 0
-
     def close(self, timeout: float = 10.0) -> bool:
         """Stop the worker after a final flush; return within ``timeout`` seconds.
 
@@ -282,19 +232,6 @@ class DataExporterScheduler:
         """
         return self.max_buffered_events - len(self._buffer) - self._in_flight
 
-    def begin_close(self, deadline: float) -> bool:
-        """Tell the worker to make its final flush by ``deadline`` (``time.monotonic()``
-        clock) without waiting; lets several schedulers close in parallel.
-
-        :returns: False if closing had already begun.
-        """
-        if self._closed:
-            return False
-        self._deadline = deadline
-        self._closed = True
-        self._wake.set()
-        return True
-
     def stats(self) -> SchedulerStats:
         """Return a consistent snapshot of the counters."""
         with self._lock:
@@ -323,25 +260,16 @@ class DataExporterScheduler:
     # -- worker ---------------------------------------------------------------------------
 
     def _init_sync(self) -> None:
+        self._init_worker()
         self._lock = threading.Lock()
-        self._cond = threading.Condition(threading.Lock())
         self._wake = threading.Event()
         self._check_at = self._wake_at
-        self._flush_requested = 0
-        self._flush_done = 0
         self._in_flight = 0
         self._exported = 0
-        self._failed_attempts = 0
-        self._retried = 0
         self._dropped: Counter[str] = Counter()
         self._overflow = 0  # dropped past the cap; apart from the Counter for a fast path
         self._dropped_logged = 0
         self._last_drop_warning = 0.0
-        self._last_error: str | None = None
-        self._last_error_time: float | None = None
-        self._attempt = 0
-        self._retry_at = 0.0
-        self._dead_lettered = 0
         # Batch identities: a random origin per scheduler (new in a forked child) and the
         # sequence number of the next event formed into a batch.
         self._origin = secrets.token_hex(8)
@@ -350,7 +278,6 @@ class DataExporterScheduler:
         # is formed from exactly those events, under the same identity.
         self._retry_of: tuple[Batch, int] | None = None
         self._next_flush = time.monotonic() + self.flush_interval
-        self._deadline = float("inf")
 
     def _reset_after_fork(self) -> None:
         # The parent keeps exporting what it buffered; the child starts empty and fresh.
@@ -361,16 +288,11 @@ class DataExporterScheduler:
         if was_running:
             self.start()
 
+    def _settled(self) -> bool:
+        return not self._buffer and self._in_flight == 0
+
     def _undelivered(self) -> int:
         return len(self._buffer) + self._in_flight
-
-    def _run(self) -> None:
-        try:
-            while not self._closed:
-                self._cycle()
-        except Exception:  # pragma: no cover - defensive: the worker must not die silently
-            logger.exception("exporter %s: worker crashed", self.name)
-        self._finish()
 
     def _cycle(self) -> None:
         self._wake.clear()
@@ -400,11 +322,6 @@ class DataExporterScheduler:
         if now >= self._next_flush:
             self._next_flush = now + self.flush_interval
         self._wake.wait(self._next_flush - now)
-
-    def _mark_flushed(self, ticket: int) -> None:
-        with self._cond:
-            self._flush_done = max(self._flush_done, ticket)
-            self._cond.notify_all()
 
     def _drain(self, stop_at: float | None) -> bool:
         """Export batches until the buffer is empty; False on the first failure."""
@@ -438,45 +355,14 @@ class DataExporterScheduler:
             identity = self._new_identity(len(events))
         return events, identity
 
-    def _send(self, batch: list[Event], identity: Batch) -> None:
-        export_batch = getattr(self.exporter, "export_batch", None)
-        if export_batch is None:  # duck-typed exporters without the Exporter base
-            self.exporter.export(batch)
-        else:
-            export_batch(batch, identity)
-
-    def _keep_dead_letters(self, rejected: Sequence[Event], reasons: Sequence[str]) -> None:
-        if self.dead_letters is not None and rejected:
-            self._dead_lettered += self.dead_letters.keep_by_reason(
-                zip(rejected, reasons, strict=True)
-            )
-
     def _export_batch(self) -> bool:
         batch, identity = self._take_batch()
         if not batch or identity is None:
             return True
-        retry: Sequence[Event] = ()
-        rejected: Sequence[Event] = ()
-        reasons: Sequence[str] = ()
-        error: BaseException | None = None
-        started = time.perf_counter()
-        try:
-            self._send(batch, identity)
-        except PartialExportError as exc:
-            error, retry, rejected, reasons = exc, exc.failed, exc.rejected, exc.reasons
-        except PermanentExportError as exc:
-            error, rejected = exc, batch
-            reasons = [str(exc)] * len(batch)
-        except Exception as exc:
-            error, retry = exc, batch
-        observer = self.on_export
-        if observer is not None:
-            try:
-                observer(time.perf_counter() - started, len(batch), error is None)
-            except Exception:
-                logger.exception("exporter %s: on_export observer failed", self.name)
+        outcome = self._attempt_export(batch, identity)
+        retry, rejected = outcome.retry, outcome.rejected
         with self._lock:
-            self._exported += len(batch) - len(retry) - len(rejected)
+            self._exported += outcome.delivered(len(batch))
             if rejected:
                 self._dropped["rejected"] += len(rejected)
             if retry:
@@ -494,40 +380,8 @@ class DataExporterScheduler:
                     self._overflow += 1
                     self._retry_of = None
             self._in_flight = 0
-        self._keep_dead_letters(rejected, reasons)
-        if not retry:
-            self._attempt = 0
-            self._retry_at = 0.0
-        if error is None:
-            return True
-        self._record_failure(error, len(batch), len(retry), len(rejected))
-        return not retry
-
-    def _record_failure(self, error: BaseException, size: int, retry: int, rejected: int) -> None:
-        self._failed_attempts += 1
-        self._last_error = f"{type(error).__name__}: {error}"
-        self._last_error_time = time.time()
-        if rejected:
-            logger.error(
-                "exporter %s: %d of %d events rejected for good and dropped: %s",
-                self.name,
-                rejected,
-                size,
-                self._last_error,
-            )
-        if retry:
-            delay = retry_delay(self._attempt, self.retry_initial, self.retry_max, error)
-            self._attempt += 1
-            self._retry_at = time.monotonic() + delay
-            logger.warning(
-                "exporter %s: export of %d events failed (attempt %d), retrying %d in %.1fs: %s",
-                self.name,
-                size,
-                self._attempt,
-                retry,
-                delay,
-                self._last_error,
-            )
+        self._keep_dead_letters(outcome)
+        return self._settle_attempt(outcome, len(batch))
 
     def _enforce_cap(self) -> None:
         """Drop the oldest events past the cap (counted as ``overflow``)."""
@@ -597,7 +451,4 @@ class DataExporterScheduler:
                 )
         finally:
             self._mark_flushed(self._flush_requested)
-            try:
-                self.exporter.close()
-            except Exception:
-                logger.exception("exporter %s: close() failed", self.name)
+            self._close_exporter()

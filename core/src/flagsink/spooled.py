@@ -11,7 +11,6 @@ was sending at a crash formed again identically.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -21,8 +20,9 @@ from typing import Any
 from flagsink import faultpoints
 from flagsink.deadletter import DeadLetterFile
 from flagsink.event import Event
-from flagsink.exporter import Batch, Exporter, PartialExportError, PermanentExportError
-from flagsink.scheduler import DEFAULT_FLUSH_INTERVAL, SchedulerStats, retry_delay
+from flagsink.export_worker import ExportWorker, Outcome
+from flagsink.exporter import Batch, Exporter
+from flagsink.scheduler import DEFAULT_FLUSH_INTERVAL, SchedulerStats
 from flagsink.spool import SpoolConsumer
 
 __all__ = ["SpoolScheduler"]
@@ -51,7 +51,7 @@ def _overrides_export_batch(exporter: Exporter[Any]) -> bool:
     return method is not None and method is not Exporter.export_batch
 
 
-class SpoolScheduler:
+class SpoolScheduler(ExportWorker):
     """Feeds ``exporter`` from ``consumer``'s position in the spool.
 
     :param flush_interval: seconds between bulk flushes.
@@ -61,6 +61,8 @@ class SpoolScheduler:
     :param retry_max: longest retry delay.
     :param dead_letters: keeps events the sink refuses for good, with the reason.
     """
+
+    _retry_note = " (they stay in the spool meanwhile)"
 
     def __init__(
         self,
@@ -96,21 +98,11 @@ class SpoolScheduler:
         self._idempotent = _overrides_export_batch(exporter)
         consumer.wake_at = max_events_in_memory if self._bulk else 1
         self._wake = consumer.wake
-        self._cond = threading.Condition(threading.Lock())
-        self._flush_requested = 0
-        self._flush_done = 0
+        self._init_worker()
         self._sending: _Sending | None = None
-        self._failed_attempts = 0
-        self._retried = 0
         self._redelivered = 0
-        self._dead_lettered = 0
-        self._last_error: str | None = None
-        self._last_error_time: float | None = None
-        self._attempt = 0
-        self._retry_at = 0.0
         self._intent_pending = False
         self._next_flush = time.monotonic() + self.flush_interval
-        self._deadline = float("inf")
         self._started = False
         self._closed = False
         self._finished = False
@@ -138,41 +130,6 @@ class SpoolScheduler:
         return max(spool.settings.max_pending_in_memory // 2 - spool.waiting, 0)
 
     # -- control --------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Start the worker thread (done by the constructor unless ``start=False``)."""
-        if self._started or self._closed:
-            return
-        self._started = True
-        self._worker = threading.Thread(target=self._run, name=f"flagsink-{self.name}", daemon=True)
-        self._worker.start()
-
-    def flush(self, timeout: float | None = None) -> bool:
-        """Export every committed event now, ignoring backoff, and wait for it."""
-        return self.wait_flushed(self.request_flush(), timeout)
-
-    def request_flush(self) -> int:
-        """Ask the worker to export everything committed now; return a ticket."""
-        with self._cond:
-            self._flush_requested += 1
-            self._wake.set()
-            return self._flush_requested
-
-    def wait_flushed(self, ticket: int, timeout: float | None = None) -> bool:
-        """Wait for the flush of ``ticket``; True when nothing committed is left to send."""
-        if self._started and not self._closed:
-            with self._cond:
-                self._cond.wait_for(lambda: self._flush_done >= ticket, timeout)
-        return self._sending is None and self.consumer.unread == 0
-
-    def begin_close(self, deadline: float) -> bool:
-        """Make the final flush by ``deadline`` (``time.monotonic()``) without waiting."""
-        if self._closed:
-            return False
-        self._deadline = deadline
-        self._closed = True
-        self._wake.set()
-        return True
 
     def close(self, timeout: float = 10.0) -> bool:
         """Send what is committed until ``timeout``; the rest stays in the spool for the
@@ -224,13 +181,8 @@ class SpoolScheduler:
 
     # -- worker ---------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            while not self._closed:
-                self._cycle()
-        except Exception:  # pragma: no cover - defensive: the worker must not die silently
-            logger.exception("exporter %s: worker crashed", self.name)
-        self._finish()
+    def _settled(self) -> bool:
+        return self._sending is None and self.consumer.unread == 0
 
     def _due(self) -> bool:
         return self._sending is not None or self.consumer.intent is not None
@@ -258,11 +210,6 @@ class SpoolScheduler:
         if now >= self._next_flush:
             self._next_flush = now + self.flush_interval
         self._wake.wait(self._next_flush - now)
-
-    def _mark_flushed(self, ticket: int) -> None:
-        with self._cond:
-            self._flush_done = max(self._flush_done, ticket)
-            self._cond.notify_all()
 
     def _drain(self, stop_at: float | None) -> bool:
         """Export batches until nothing committed is left; False on the first failure."""
@@ -320,83 +267,25 @@ class SpoolScheduler:
             return not self._intent_pending
         self._sending = sending
         batch = sending.events
-        retry: Sequence[Event] = ()
-        rejected: Sequence[Event] = ()
-        reasons: Sequence[str] = ()
-        error: BaseException | None = None
-        started = time.perf_counter()
-        if batch:
-            try:
-                self.exporter.export_batch(batch, sending.identity)
-            except PartialExportError as exc:
-                error, retry, rejected, reasons = exc, exc.failed, exc.rejected, exc.reasons
-            except PermanentExportError as exc:
-                error, rejected = exc, batch
-                reasons = [str(exc)] * len(batch)
-            except Exception as exc:
-                error, retry = exc, batch
-            self._observe(time.perf_counter() - started, len(batch), error is None)
+        outcome = self._attempt_export(batch, sending.identity) if batch else Outcome()
         faultpoints.hit("export.after_send_before_confirm")
-        sending.delivered += len(batch) - len(retry) - len(rejected)
-        if rejected:
-            sending.dropped["rejected"] += len(rejected)
-            if self.dead_letters is not None:
-                self._dead_lettered += self.dead_letters.keep_by_reason(
-                    zip(rejected, reasons, strict=True)
-                )
-        if retry:
-            sending.events = list(retry)
-            self._retried += len(retry)
+        sending.delivered += outcome.delivered(len(batch))
+        if outcome.rejected:
+            sending.dropped["rejected"] += len(outcome.rejected)
+            self._keep_dead_letters(outcome)
+        if outcome.retry:
+            sending.events = list(outcome.retry)
+            self._retried += len(outcome.retry)
         else:
             self._sending = None
             self.consumer.confirm(
                 sending.last, sending.delivered, dict(sending.dropped), self._wait_budget()
             )
-            self._attempt = 0
-            self._retry_at = 0.0
-        if error is None:
-            return True
-        self._record_failure(error, len(batch), len(retry), len(rejected))
-        return not retry
+        return self._settle_attempt(outcome, len(batch))
 
     def _wait_budget(self) -> float:
         """How long to wait for a group commit: bounded by the close deadline."""
         return max(min(10.0, self._deadline - time.monotonic()), 0.0)
-
-    def _observe(self, seconds: float, size: int, ok: bool) -> None:
-        observer = self.on_export
-        if observer is not None:
-            try:
-                observer(seconds, size, ok)
-            except Exception:
-                logger.exception("exporter %s: on_export observer failed", self.name)
-
-    def _record_failure(self, error: BaseException, size: int, retry: int, rejected: int) -> None:
-        self._failed_attempts += 1
-        self._last_error = f"{type(error).__name__}: {error}"
-        self._last_error_time = time.time()
-        if rejected:
-            logger.error(
-                "exporter %s: %d of %d events rejected for good and dropped: %s",
-                self.name,
-                rejected,
-                size,
-                self._last_error,
-            )
-        if retry:
-            delay = retry_delay(self._attempt, self.retry_initial, self.retry_max, error)
-            self._attempt += 1
-            self._retry_at = time.monotonic() + delay
-            logger.warning(
-                "exporter %s: export of %d events failed (attempt %d), retrying %d in %.1fs "
-                "(they stay in the spool meanwhile): %s",
-                self.name,
-                size,
-                self._attempt,
-                retry,
-                delay,
-                self._last_error,
-            )
 
     def _finish(self) -> None:
         """Final flush until the close deadline; what is left stays in the spool."""
@@ -421,7 +310,4 @@ class SpoolScheduler:
                 )
         finally:
             self._mark_flushed(self._flush_requested)
-            try:
-                self.exporter.close()
-            except Exception:
-                logger.exception("exporter %s: close() failed", self.name)
+            self._close_exporter()
