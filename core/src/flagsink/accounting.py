@@ -7,11 +7,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["MEMORY_REASONS", "SPOOL_REASONS", "balanced"]
+__all__ = ["MEMORY_REASONS", "SPOOL_REASONS", "STATUS_PATH", "balanced"]
 
 # Drop reasons always shown (zero until they happen), so rate() and alerts work from the
 # start; any other reason appears once it has counted something.
 MEMORY_REASONS = ("overflow", "rejected", "shutdown")
+#: The relay's JSON status endpoint, read by ``flagsink status --url``.
+STATUS_PATH = "/v1/status"
 SPOOL_REASONS = ("rejected", "spool_full", "damaged")
 
 

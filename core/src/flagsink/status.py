@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from flagsink.accounting import SPOOL_REASONS, balanced
+from flagsink.accounting import SPOOL_REASONS, STATUS_PATH, balanced
 from flagsink.cli_support import EXIT_LOST, fail
 
 __all__ = [
@@ -30,7 +30,6 @@ __all__ = [
 ]
 
 EXIT_UNREADABLE = 3
-STATUS_PATH = "/v1/status"
 # A spool read while a relay commits may straddle a commit: read again before judging.
 _SPOOL_READS = 3
 

@@ -26,6 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from flagsink.accounting import STATUS_PATH
 from flagsink.config import Config
 from flagsink.event import Event
 from flagsink.flags import flag_definition
@@ -56,7 +57,7 @@ logger = logging.getLogger("flagsink.relay")
 
 COLLECTOR = "/v1/data/collector"
 FLAG_CONFIGURATION = "/v1/flag/configuration"
-STATUS = "/v1/status"
+STATUS = STATUS_PATH
 OPEN_PATHS = frozenset({"/health", "/info"})
 ROUTES = frozenset(
     {COLLECTOR, FLAG_CONFIGURATION, STATUS, "/health", "/info", "/metrics", "/openapi.json"}
