@@ -17,9 +17,18 @@ import msgspec
 
 from flagsink.event import Event
 
-__all__ = ["DeadLetterFile"]
+__all__ = ["SPOOL_FOLDER", "DeadLetterFile", "default_path"]
 
 logger = logging.getLogger("flagsink.deadletter")
+
+#: The folder of a spool directory that holds the exporters' dead letters by default.
+SPOOL_FOLDER = "deadletter"
+
+
+def default_path(spool_dir: Path, exporter: str) -> Path:
+    """Where exporter ``exporter``'s dead letters go by default with a spool."""
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in exporter) or "exporter"
+    return spool_dir / SPOOL_FOLDER / f"{name}.jsonl"
 
 
 class _Letter(msgspec.Struct):

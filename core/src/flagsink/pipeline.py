@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from flagsink.config import Config, ConfigError, load_config
-from flagsink.deadletter import DeadLetterFile
+from flagsink.deadletter import DeadLetterFile, default_path
 from flagsink.event import Event, FeatureEvent, TrackingEvent, new_tracking_event
 from flagsink.flags import tracks_events
 from flagsink.scheduler import DataExporterScheduler, SchedulerStats
@@ -383,9 +383,8 @@ def from_config(
     owned: CachedStore | None = None
     if store is None and config.store is not None:
         store = owned = config.store.build()
-    if config.spool is not None and not overrides.get("memory_only"):
+    if config.spool is not None:
         return _spooled_pipeline(config, store, owned, exit_timeout, overrides)
-    overrides.pop("memory_only", None)
     routes: list[tuple[Scheduler, str]] = []
     try:
         for section in config.exporters:
@@ -422,8 +421,7 @@ def _spooled_pipeline(
 ) -> Pipeline:
     """Exporters fed from the config's ``spool`` (dead letters default into it)."""
     assert config.spool is not None
-    overrides.pop("memory_only", None)
-    overrides.pop("max_buffered_events", None)
+    overrides.pop("max_buffered_events", None)  # the spool's maxBytes bounds it instead
     try:
         spool = Spool(config.spool)
     except SpoolError as exc:
@@ -436,9 +434,7 @@ def _spooled_pipeline(
             exporter = section.build()
             timing = section.scheduling
             label = section.label
-            dead_letter_path = timing.dead_letter_file or str(
-                spool.directory / "deadletter" / f"{_safe_name(label)}.jsonl"
-            )
+            dead_letter_path = timing.dead_letter_file or default_path(spool.directory, label)
             scheduler: Scheduler = SpoolScheduler(
                 exporter,
                 spool.consumer(label, timing.event_type),
@@ -470,7 +466,3 @@ def _spooled_pipeline(
     return Pipeline(
         routes, untracked=untracked, store=owned, exit_timeout=exit_timeout, spool=spool
     )
-
-
-def _safe_name(label: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "_" for c in label) or "exporter"

@@ -32,7 +32,7 @@ from flagsink.cli_support import (
     wait_for_room,
 )
 from flagsink.config import Config, ConfigError, ExporterConfig
-from flagsink.deadletter import DeadLetterFile
+from flagsink.deadletter import DeadLetterFile, default_path
 from flagsink.event import Event
 from flagsink.exporter import Batch, Exporter, PartialExportError
 from flagsink.pipeline import Pipeline
@@ -515,9 +515,7 @@ def _dead_letter_target(config: Config, section: ExporterConfig | None, fallback
     if section.scheduling.dead_letter_file:
         return Path(section.scheduling.dead_letter_file).expanduser()
     if config.spool is not None:
-        # As flagsink.pipeline names it (keep the two in step).
-        name = "".join(c if c.isalnum() or c in "._-" else "_" for c in section.label)
-        return Path(config.spool.dir).expanduser() / "deadletter" / f"{name or 'exporter'}.jsonl"
+        return default_path(Path(config.spool.dir).expanduser(), section.label)
     return fallback
 
 

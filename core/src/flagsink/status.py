@@ -17,6 +17,7 @@ import click
 
 from flagsink.accounting import SPOOL_REASONS, STATUS_PATH, balanced
 from flagsink.cli_support import EXIT_LOST, fail
+from flagsink.deadletter import SPOOL_FOLDER
 
 __all__ = [
     "EXIT_UNREADABLE",
@@ -164,7 +165,7 @@ def spool_status(directory: Path) -> dict[str, Any]:
             if all(row["balanced"] for row in slot_rows):
                 break
         rows += slot_rows
-        for file in sorted((path / "deadletter").glob("*.jsonl")):
+        for file in sorted((path / SPOOL_FOLDER).glob("*.jsonl")):
             with open(file, "rb") as handle:
                 count = sum(1 for line in handle if line.strip())
             letters.append({"path": str(file), "letters": count})
